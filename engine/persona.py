@@ -1,0 +1,27 @@
+"""The `character` section: who the model becomes, shared by dataset, export, eval and serving."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CharacterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="The speaker name as it appears in the data after cleaning (e.g. FALSTAFF, Cartman).")
+    display_name: Optional[str] = Field(None, description="How the character is called in prompts and the chat page (default: name).")
+    system_prompt: str = Field(
+        "You are {display_name}. Stay in character and answer as {display_name} would.",
+        description="The persona system prompt; {display_name} is replaced. Always passed, so the base template's default system message never appears.",
+    )
+    first_message: Optional[str] = Field(None, description="What the character says first in a chat (serving, chat page).")
+
+    @property
+    def shown_name(self) -> str:
+        return self.display_name or self.name
+
+    @property
+    def system(self) -> str:
+        return self.system_prompt.replace("{display_name}", self.shown_name)

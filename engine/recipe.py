@@ -1,0 +1,370 @@
+"""Loading a recipe: YAML (safe) with positions, `include:` of shared bases, `--set` overrides, and validation
+against the pydantic models of every registered stage and source kind. Every problem found is reported at
+once, each with file, line, column, key path and the fix; nothing here imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Annotated, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+
+from engine.errors import Problem, RecipeError
+from engine.models import ModelConfig
+from engine.persona import CharacterConfig
+from engine.registry import SOURCES, load_all, stage_kinds
+
+Path_ = tuple  # a key path: ("train", "lora", "rank")
+
+
+@dataclass(frozen=True)
+class Where:
+    file: str
+    line: Optional[int]
+    column: Optional[int]
+
+
+class RecipeBase(BaseModel):
+    """Fields every recipe has; stage sections are added from the registry by build_recipe_model()."""
+
+    model_config = ConfigDict(extra="forbid")
+    _file: Path = PrivateAttr(default=Path("recipe.yaml"))
+
+    def source_dir(self) -> Path:
+        """The folder relative paths in the recipe are resolved against."""
+        return self._file.resolve().parent
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+
+_MODEL_CACHE: dict[str, type[RecipeBase]] = {}
+
+
+def build_recipe_model() -> type[RecipeBase]:
+    """The Recipe model: common sections plus one section per registered stage kind."""
+    if "recipe" in _MODEL_CACHE:
+        return _MODEL_CACHE["recipe"]
+    load_all()
+    source_models = tuple(kind.config for kind in SOURCES.values())
+    source_type: Any = source_models[0] if len(source_models) == 1 else Annotated[Union[source_models], Field(discriminator="kind")]
+    fields: dict[str, Any] = {
+        "name": (str, Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the run folder is runs/<name>/ (default: the file's name).")),
+        "description": (str, Field("", description="One line about the character and the data.")),
+        "character": (CharacterConfig, Field(..., description="Who the model becomes.")),
+        "model": (ModelConfig, Field(default_factory=ModelConfig, description="The base model.")),
+        "source": (source_type, Field(..., description="Where the dialogue comes from; `kind` picks the source format.")),
+    }
+    for stage in stage_kinds():
+        if stage.name != "source":
+            fields[stage.name] = (stage.config, Field(default_factory=stage.config, description=stage.doc))
+    model = create_model("Recipe", __base__=RecipeBase, **fields)
+    _MODEL_CACHE["recipe"] = model
+    return model
+
+
+# ---------------------------------------------------------------- YAML with positions
+
+
+class _Loaded:
+    def __init__(self) -> None:
+        self.key_pos: dict[Path_, Where] = {}
+        self.value_pos: dict[Path_, Where] = {}
+        self.problems: list[Problem] = []
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _node_to_python(node: yaml.Node, file: str, path: Path_, loaded: _Loaded) -> Any:
+    constructor = yaml.SafeLoader("")
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = constructor.construct_object(key_node)
+            where = Where(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if not isinstance(key, str):
+                key = str(key)
+            if key in result:
+                loaded.problems.append(Problem(file, where.line, where.column, ".".join(map(str, path + (key,))), "duplicate key — remove one of them"))
+            loaded.key_pos[path + (key,)] = where
+            loaded.value_pos[path + (key,)] = Where(file, value_node.start_mark.line + 1, value_node.start_mark.column + 1)
+            result[key] = _node_to_python(value_node, file, path + (key,), loaded)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            loaded.value_pos[path + (index,)] = Where(file, item.start_mark.line + 1, item.start_mark.column + 1)
+            items.append(_node_to_python(item, file, path + (index,), loaded))
+        return items
+    return constructor.construct_object(node)
+
+
+def _read_yaml(path: Path, loaded: _Loaded) -> Any:
+    file = _shown(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        loaded.problems.append(Problem(file, None, None, "", "recipe file not found"))
+        return None
+    except UnicodeDecodeError as exc:
+        loaded.problems.append(Problem(file, None, None, "", f"not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"))
+        return None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = exc.problem or "invalid YAML"
+        loaded.problems.append(Problem(file, mark.line + 1 if mark else None, mark.column + 1 if mark else None, "", f"YAML syntax error: {what}"))
+        return None
+    if node is None:
+        return {}
+    data = _node_to_python(node, file, (), loaded)
+    if not isinstance(data, dict):
+        loaded.problems.append(Problem(file, 1, 1, "", "a recipe must be a mapping of keys (name:, character:, source:, ...)"))
+        return None
+    return data
+
+
+def _deep_merge(base: dict, local: dict) -> dict:
+    merged = dict(base)
+    for key, value in local.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _find_include(name: str, including: Path) -> Optional[Path]:
+    here = including.parent
+    for candidate in (here / name, here / "_base" / name, here.parent / "_base" / name):
+        if candidate.is_file():
+            return candidate
+    if not name.endswith((".yaml", ".yml")):
+        return _find_include(name + ".yaml", including)
+    return None
+
+
+def _load_with_includes(path: Path, loaded: _Loaded, stack: tuple[Path, ...]) -> Optional[dict]:
+    resolved = path.resolve()
+    own = _Loaded()  # this file's positions win over those of its includes, so collect them apart
+    data = _read_yaml(path, own)
+    loaded.problems.extend(own.problems)
+    if data is None:
+        return None
+    includes = data.pop("include", [])
+    include_where = own.value_pos.get(("include",)) or Where(_shown(path), None, None)
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        loaded.problems.append(Problem(include_where.file, include_where.line, include_where.column, "include", "must be a file name or a list of file names"))
+        includes = []
+    merged: dict = {}
+    for name in includes:
+        target = _find_include(name, path)
+        if target is None:
+            loaded.problems.append(Problem(include_where.file, include_where.line, include_where.column, "include", f"included file '{name}' not found next to {_shown(path)} or in its _base/ folder"))
+            continue
+        if target.resolve() in stack + (resolved,):
+            chain = " -> ".join(_shown(p) for p in stack + (resolved, target.resolve()))
+            loaded.problems.append(Problem(include_where.file, include_where.line, include_where.column, "include", f"include cycle: {chain}; remove one of these includes"))
+            continue
+        base = _load_with_includes(target, loaded, stack + (resolved,))
+        if base is not None:
+            merged = _deep_merge(merged, base)
+    loaded.key_pos.update(own.key_pos)
+    loaded.value_pos.update(own.value_pos)
+    return _deep_merge(merged, data)
+
+
+def _apply_override(data: dict, assignment: str, loaded: _Loaded) -> None:
+    if "=" not in assignment:
+        loaded.problems.append(Problem("--set", None, None, assignment, "expected key.path=value, e.g. --set train.max_steps=10"))
+        return
+    key_path, raw = assignment.split("=", 1)
+    keys = key_path.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    where = Where(f"--set {key_path}", None, None)
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+        loaded.key_pos.setdefault(tuple(keys[: depth + 1]), where)
+    node[keys[-1]] = value
+    loaded.key_pos[tuple(keys)] = where
+    loaded.value_pos[tuple(keys)] = where
+
+
+# ---------------------------------------------------------------- validation errors -> problems
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _members(annotation: Any) -> list[Any]:
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [_unwrap(a) for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _model_at(model: Any, data: Any, path: Path_) -> Any:
+    """The pydantic model class that validates the mapping at `path` (None if not a model)."""
+    current: Any = model
+    node = data
+    for key in path:
+        options = [m for m in _members(current) if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not options:
+            origin = typing.get_origin(_unwrap(current))
+            if origin in (dict, list):  # dict[str, Model] / list[Model]: the key is data, not a field
+                current = typing.get_args(_unwrap(current))[-1]
+                node = node.get(key) if isinstance(node, dict) else (node[key] if isinstance(node, list) and isinstance(key, int) and key < len(node) else None)
+                continue
+            return None
+        chosen = options[0]
+        if len(options) > 1 and isinstance(node, dict):
+            for option in options:
+                kind_field = option.model_fields.get("kind")
+                if kind_field is not None and node.get("kind") in typing.get_args(kind_field.annotation):
+                    chosen = option
+        if key not in chosen.model_fields:
+            return None
+        current = chosen.model_fields[key].annotation
+        node = node.get(key) if isinstance(node, dict) else None
+    options = [m for m in _members(current) if isinstance(m, type) and issubclass(m, BaseModel)]
+    if not options:
+        return None
+    if len(options) > 1 and isinstance(node, dict):
+        for option in options:
+            kind_field = option.model_fields.get("kind")
+            if kind_field is not None and node.get("kind") in typing.get_args(kind_field.annotation):
+                return option
+    return options[0]
+
+
+def _data_path(loc: tuple, data: Any) -> Path_:
+    """Turn a pydantic error location into a path through the recipe data (drops union tags)."""
+    path: list = []
+    node = data
+    for element in loc:
+        if isinstance(node, dict) and element in node:
+            path.append(element)
+            node = node[element]
+        elif isinstance(node, list) and isinstance(element, int) and element < len(node):
+            path.append(element)
+            node = node[element]
+        elif isinstance(node, dict) and node.get("kind") == element:
+            continue  # discriminated-union tag
+        elif isinstance(element, str) and ("[" in element or element.startswith("function-")):
+            continue  # validator names pydantic puts in locations
+        else:
+            path.append(element)
+            node = None
+    return tuple(path)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+def _problem_for(error: dict, data: dict, model: type[BaseModel], loaded: _Loaded, recipe_file: str) -> Problem:
+    path = _data_path(error["loc"], data)
+    key_path = ".".join(str(p) for p in path)
+    kind = error["type"]
+    where = loaded.value_pos.get(path) or loaded.key_pos.get(path)
+    if kind == "extra_forbidden":
+        where = loaded.key_pos.get(path) or where
+        parent = _model_at(model, data, path[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        hint = _suggest(str(path[-1]), allowed)
+        if not hint and allowed:
+            hint = f" — allowed keys: {', '.join(allowed)}"
+        message = f"unknown key{hint}"
+    elif kind == "missing":
+        parent_where = loaded.key_pos.get(path[:-1]) if len(path) > 1 else None
+        where = parent_where or Where(recipe_file, None, None)
+        field_model = _model_at(model, data, path[:-1])
+        description = ""
+        if field_model is not None and path and path[-1] in field_model.model_fields:
+            description = field_model.model_fields[path[-1]].description or ""
+        message = f"missing required key '{path[-1]}'" + (f" ({description})" if description else "")
+    elif kind == "union_tag_invalid":
+        expected = re.findall(r"'([^']+)'", str(error.get("ctx", {}).get("expected_tags", "")))
+        tag = str(error.get("ctx", {}).get("tag", ""))
+        where = loaded.value_pos.get(path + ("kind",)) or where
+        key_path = key_path + ".kind"
+        message = f"unknown kind '{tag}'{_suggest(tag, expected)} Available: {', '.join(expected)}"
+    elif kind == "union_tag_not_found":
+        expected = sorted(SOURCES)
+        message = f"missing 'kind' — one of: {', '.join(expected)}"
+    elif kind == "literal_error":
+        expected = re.findall(r"'([^']+)'", str(error.get("ctx", {}).get("expected", "")))
+        got = str(error.get("input"))
+        message = f"'{got}' is not one of {', '.join(expected)}{_suggest(got, expected)}"
+    else:
+        message = error["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        if "input" in error and not isinstance(error["input"], (dict, list)) and kind != "value_error":
+            message += f" (got {error['input']!r})"
+    where = where or Where(recipe_file, None, None)
+    return Problem(where.file, where.line, where.column, key_path, message)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeBase:
+    """Load, include, override and validate a recipe; raise RecipeError with every problem found."""
+    path = Path(path)
+    loaded = _Loaded()
+    data = _load_with_includes(path, loaded, ())
+    if data is None:
+        raise RecipeError(loaded.problems)
+    for assignment in overrides:
+        _apply_override(data, assignment, loaded)
+    data.setdefault("name", path.stem)
+    model = build_recipe_model()
+    problems = list(loaded.problems)
+    try:
+        recipe = model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            problems.append(_problem_for(error, data, model, loaded, _shown(path)))
+        raise RecipeError(_dedupe(problems)) from None
+    if problems:
+        raise RecipeError(problems)
+    recipe._file = path.resolve()
+    return recipe
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, unique = set(), []
+    for problem in problems:
+        if problem not in seen:
+            seen.add(problem)
+            unique.append(problem)
+    return unique
+
+
+def section(recipe: BaseModel, name: str) -> Any:
+    """A recipe section as plain JSON data (what enters cache keys)."""
+    return recipe.model_dump(mode="json")[name]

@@ -1,0 +1,1 @@
+"""train stage (being written)."""

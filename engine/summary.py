@@ -1,0 +1,79 @@
+"""The one-screen summary printed at the end of `recipe run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def describe(name: str, summary: dict) -> str:
+    """One line about what a stage produced, from its summary dict."""
+    if name == "source":
+        return f"{summary.get('turns', 0):,} turns, {summary.get('scenes', 0):,} scenes, {summary.get('character_turns', 0):,} by the character"
+    if name == "clean":
+        changed = ", ".join(f"{r['rule']} {r['changed']}/{r['removed']}" for r in summary.get("rules", []) if r.get("changed") or r.get("removed"))
+        return f"{summary.get('turns_out', 0):,} of {summary.get('turns_in', 0):,} turns kept" + (f" (changed/removed: {changed})" if changed else "")
+    if name == "dataset":
+        counts = summary.get("counts", summary)
+        tokens = summary.get("tokens", {})
+        text = f"{counts.get('train', '?')} train / {counts.get('heldout', '?')} held-out samples"
+        if tokens:
+            text += f"; tokens p50 {tokens.get('p50', '?')}, p95 {tokens.get('p95', '?')}"
+        return text + f"; template {summary.get('template', '?')}"
+    if name == "train":
+        return (
+            f"{summary.get('steps', '?')} steps, loss {_fmt(summary.get('first_loss', '?'))} → {_fmt(summary.get('final_loss', '?'))}, "
+            f"{_fmt(summary.get('tokens_per_s', '?'))} tok/s, {summary.get('precision', '?')}"
+        )
+    if name == "export":
+        return f"merged model, {summary.get('dtype', '?')}, {_fmt(summary.get('size_mb', '?'))} MB"
+    if name == "eval":
+        base, tuned = summary.get("base", {}), summary.get("tuned", {})
+        return f"next-line acc {_fmt(base.get('acc', '?'))} → {_fmt(tuned.get('acc', '?'))} (chance {_fmt(summary.get('chance', '?'))}, n={summary.get('items', '?')})"
+    items = [f"{k} {_fmt(v)}" for k, v in summary.items() if isinstance(v, (int, float, str))][:4]
+    return ", ".join(items)
+
+
+def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, seconds: float) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    table = Table(title=f"{recipe.name} — {run_dir}", title_justify="left", show_edge=False)
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("time", justify="right")
+    table.add_column("result")
+    for result in results:
+        style = "green" if result.status == "cached" else "yellow"
+        took = "—" if result.status == "cached" else f"{result.seconds:.1f}s"
+        table.add_row(result.name, f"[{style}]{result.status}[/{style}]", took, describe(result.name, result.summary))
+    console.print(table)
+
+    by_name = {r.name: r.summary for r in results}
+    evaluation = by_name.get("eval")
+    if evaluation and "base" in evaluation:
+        scores = Table(title=f"held-out next line: {evaluation.get('task', '')} ({evaluation.get('items', '?')} items, chance {_fmt(evaluation.get('chance', '?'))})", title_justify="left", show_edge=False)
+        scores.add_column("model")
+        scores.add_column("acc", justify="right")
+        scores.add_column("acc_norm", justify="right")
+        for label in ("base", "tuned"):
+            row = evaluation.get(label, {})
+            scores.add_row(
+                label,
+                f"{_fmt(row.get('acc', float('nan')))} ± {_fmt(row.get('acc_stderr', float('nan')))}",
+                f"{_fmt(row.get('acc_norm', float('nan')))} ± {_fmt(row.get('acc_norm_stderr', float('nan')))}",
+            )
+        console.print(scores)
+        sample = evaluation.get("sample")
+        if sample:
+            name = recipe.character.shown_name
+            body = f"[dim]{sample.get('context', '')}[/dim]\n\n[bold]{name} (tuned):[/bold] {sample.get('generated', '')}\n[bold]{name} (real):[/bold] {sample.get('real', '')}"
+            console.print(Panel(body, title="a held-out scene", title_align="left"))
+    ran = sum(1 for r in results if r.status == "ran")
+    console.print(f"{ran} stage{'s' if ran != 1 else ''} ran, {len(results) - ran} cached, {seconds:.1f}s in all. Run folder: {run_dir}")

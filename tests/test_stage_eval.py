@@ -1,0 +1,264 @@
+"""The eval stage on a tiny random model used as both base and tuned: the distractor policy, the task folder
+running under the plain `lm_eval` CLI with the same score, the outputs, the base-score cache and the errors.
+
+    python -m pytest -q tests/test_stage_eval.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+from rich.console import Console
+
+from engine.errors import StageError
+from engine.models import TINY_OVERRIDES, ModelConfig, resolve_base_model
+from engine.persona import CharacterConfig
+from engine.registry import StageContext
+from engine.stages import eval as eval_stage
+from engine.stages.eval import EvalConfig, build_items, normalise, run_eval, task_name
+
+CHARACTER = "FALSTAFF"
+
+# scene -> turns (speaker, text). s3 is short: one other line only, so its items need the fallback.
+SCENES = {
+    "h1/s1": [
+        ("HAL", "Now, Hal, what time of day is it, lad?"),
+        ("FALSTAFF", "Indeed, you come near me now, Hal."),
+        ("POINS", "Good morrow, sweet Hal."),
+        ("FALSTAFF", "Marry, then, sweet wag, when thou art king."),
+        ("HAL", "What, in thy quips and thy quiddities?"),
+        ("BARDOLPH", "  marry,   THEN, sweet wag, when thou art KING. "),  # the gold line of turn 3, respelled
+        ("POINS", "Good morrow, sweet Hal."),  # a repeated line: never twice among the choices
+        ("FALSTAFF", "Thou hast the most unsavoury similes."),
+        ("HAL", "Thou didst well, for wisdom cries out in the streets."),
+    ],
+    "h1/s2": [
+        ("HOSTESS", "O Jesu, my lord the prince!"),
+        ("FALSTAFF", "A plague of all cowards, I say."),
+        ("PETO", "Give me a cup of sack, boy."),
+        ("GADSHILL", "We four set upon some dozen."),
+        ("FALSTAFF", "I am a rogue if I drunk today."),
+        ("HOSTESS", "The sheriff and all the watch are at the door."),
+    ],
+    "h1/s3": [
+        ("WORCESTER", "Hear me, my liege."),
+        ("FALSTAFF", "Rebellion lay in his way, and he found it."),
+    ],
+    "h1/s4": [  # a training scene: its lines are the last fallback only
+        ("HOTSPUR", "My liege, I did deny no prisoners."),
+        ("FALSTAFF", "Honour pricks me on."),
+        ("DOUGLAS", "Another king! They grow like Hydra's heads."),
+    ],
+}
+HELDOUT_SCENES = ("h1/s1", "h1/s2", "h1/s3")
+
+
+def turns() -> list[dict]:
+    return [
+        {"scene": scene, "index": i, "speaker": speaker, "text": text, "meta": {}}
+        for scene, lines in SCENES.items()
+        for i, (speaker, text) in enumerate(lines)
+    ]
+
+
+def heldout_rows(render=lambda context: "\n".join(context)) -> list[dict]:
+    rows = []
+    for scene in HELDOUT_SCENES:
+        lines = SCENES[scene]
+        for i, (speaker, text) in enumerate(lines):
+            if speaker != CHARACTER:
+                continue
+            context = [f"{s}: {t}" for s, t in lines[max(0, i - 3) : i]]
+            rows.append({"scene": scene, "prompt": render(context), "completion": text, "context": "\n".join(context), "turn_index": i})
+    return rows
+
+
+# ---------------------------------------------------------------- the distractor policy (no model)
+
+
+def test_distractors_same_scene_never_gold_no_duplicates_deterministic():
+    cfg = EvalConfig(distractors=3, max_items=100, seed=0)
+    items = build_items(heldout_rows(), turns(), CHARACTER, cfg)
+    assert len(items) == 6
+    golds = {f"{r['scene']}#{r['turn_index']}": r["completion"] for r in heldout_rows()}
+    other_lines = {scene: {t.strip() for s, t in lines if s != CHARACTER} for scene, lines in SCENES.items()}
+    for item in items:
+        gold = item["choices"][item["label"]]
+        distractors = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
+        assert len(item["choices"]) == 4 and gold == golds[item["id"]]
+        keys = [normalise(c) for c in item["choices"]]
+        assert len(set(keys)) == 4, "a duplicate (or the gold line respelled) among the choices"
+        if item["scene"] in ("h1/s1", "h1/s2"):  # enough lines in the scene: all from it, by other speakers
+            assert all(d in other_lines[item["scene"]] for d in distractors)
+        else:  # h1/s3 has one other line: it is used, then other held-out scenes
+            assert "Hear me, my liege." in distractors
+            heldout_others = set().union(*(other_lines[s] for s in HELDOUT_SCENES))
+            assert all(d in heldout_others for d in distractors)
+    # the respelled gold line of turn 3 in h1/s1 is never offered against it
+    turn3 = next(i for i in items if i["id"] == "h1/s1#3")
+    assert all(normalise(c) != normalise("Marry, then, sweet wag, when thou art king.") for j, c in enumerate(turn3["choices"]) if j != turn3["label"])
+    # seeded: the same every time, different with another seed; the gold position moves
+    assert build_items(heldout_rows(), turns(), CHARACTER, cfg) == items
+    assert build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(seed=1)) != items
+    assert len({item["label"] for item in items}) > 1
+
+
+def test_distractors_fall_back_to_any_scene_and_sample_items():
+    # one held-out scene with one other line: the rest comes from the training scenes
+    rows = [r for r in heldout_rows() if r["scene"] == "h1/s3"]
+    items = build_items(rows, turns(), CHARACTER, EvalConfig(distractors=3))
+    assert len(items[0]["choices"]) == 4 and "Hear me, my liege." in items[0]["choices"]
+    # a seeded sample of max_items, in data order
+    sample = build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(max_items=3, seed=5))
+    assert len(sample) == 3 and sample == build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(max_items=3, seed=5))
+    # more distractors than distinct lines anywhere: a clear error with the fix
+    with pytest.raises(StageError, match="eval.distractors"):
+        build_items(rows, turns(), CHARACTER, EvalConfig(distractors=50))
+
+
+def test_task_name_is_sanitized():
+    assert task_name("Fal.staff-Test") == "fal_staff_test_next_line"
+
+
+# ---------------------------------------------------------------- the stage on a tiny model
+
+MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return resolve_base_model(MODEL, None)
+
+
+def make_upstream(root: Path, tiny: Path, heldout: list[dict]) -> dict[str, Path]:
+    from datasets import Dataset, DatasetDict
+
+    clean = root / "clean"
+    clean.mkdir(parents=True)
+    with open(clean / "turns.jsonl", "w", encoding="utf-8") as handle:
+        for turn in turns():
+            handle.write(json.dumps(turn) + "\n")
+    dataset = root / "dataset"
+    columns = ("scene", "prompt", "completion", "context", "turn_index")
+    split = Dataset.from_dict({c: [r[c] for r in heldout] for c in columns})
+    DatasetDict({"train": split, "heldout": split.select(range(len(heldout)))}).save_to_disk(str(dataset / "data"))
+    export = root / "export"
+    export.mkdir()
+    (export / "model").symlink_to(tiny, target_is_directory=True)
+    return {"clean": clean, "dataset": dataset, "export": export}
+
+
+def make_ctx(root: Path, upstream: dict[str, Path], out_name: str = "eval.tmp") -> StageContext:
+    recipe = SimpleNamespace(
+        name="Fal.staff-Test",
+        model=MODEL,
+        character=CharacterConfig(name=CHARACTER),
+        eval=EvalConfig(max_items=8, batch_size=8, sample_replies=2, max_new_tokens=8),
+    )
+    out = root / out_name
+    out.mkdir()
+    return StageContext(recipe=recipe, config=recipe.eval, out=out, run_dir=root, upstream=upstream, inputs={}, console=Console(quiet=True))
+
+
+def chat_rows(tiny: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+
+    def render(context: list[str]) -> str:
+        messages = [{"role": "system", "content": "You are Falstaff."}, {"role": "user", "content": "\n".join(context) or "(the scene starts)"}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return heldout_rows(render)
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny, tmp_path_factory):
+    """One full run (base scored), then a second run whose base scores must come from the cache."""
+    root = tmp_path_factory.mktemp("run")
+    cache = root / "cache"
+    patcher = pytest.MonkeyPatch()
+    patcher.setattr(eval_stage, "cache_root", lambda: cache)  # only the eval-base cache: the model cache stays
+    upstream = make_upstream(root, tiny, chat_rows(tiny))
+    ctx = make_ctx(root, upstream)
+    first = run_eval(ctx)
+    final = root / "eval"
+    ctx.out.rename(final)  # what the runner does when the stage returns
+
+    scored: list[Path] = []
+    real_score = eval_stage.score
+    patcher.setattr(eval_stage, "score", lambda model_dir, *a, **k: scored.append(model_dir) or real_score(model_dir, *a, **k))
+    second = run_eval(make_ctx(root, upstream, "eval.tmp2"))
+    patcher.undo()
+    return SimpleNamespace(root=root, final=final, first=first, second=second, scored=scored, cache=cache, tiny=tiny)
+
+
+def test_stage_outputs(stage_run):
+    summary = stage_run.first
+    assert summary["task"] == "fal_staff_test_next_line" and summary["items"] == 6 and summary["chance"] == 0.25
+    for who in ("base", "tuned"):
+        assert set(summary[who]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+        assert 0.0 <= summary[who]["acc"] <= 1.0
+    # the same tiny model is base and tuned: the same scores
+    assert summary["base"]["acc"] == pytest.approx(summary["tuned"]["acc"])
+    assert set(summary["sample"]) == {"context", "real", "generated"}
+
+    results = json.loads((stage_run.final / "results.json").read_text())
+    assert results["items"] == 6 and results["chance"] == 0.25 and results["tuned"]["n"] == 6
+    assert results["tuned"]["acc"] == summary["tuned"]["acc"]
+    assert (stage_run.final / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (stage_run.final / "samples.md").read_text()
+    assert samples.count("**generated**") == 2 and "**real**" in samples
+
+    task = stage_run.final / "tasks" / summary["task"]
+    yaml_text = (task / f"{summary['task']}.yaml").read_text()
+    assert '"items.jsonl"' in yaml_text and str(stage_run.root) not in yaml_text  # portable: no absolute path
+    items = [json.loads(line) for line in (task / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 6 and all(len(i["choices"]) == 4 for i in items)
+
+
+def test_base_scores_cached(stage_run):
+    assert len(stage_run.scored) == 1, "the second run must score only the tuned model"
+    assert Path(stage_run.scored[0]).name == "model"  # the export's model folder
+    assert len(list((stage_run.cache / "eval-base").glob("*.json"))) == 1
+    assert stage_run.second["base"] == stage_run.first["base"]
+    results = json.loads((stage_run.root / "eval.tmp2" / "results.json").read_text())
+    assert results["base"]["cached"] is True
+
+
+def test_task_folder_runs_with_lm_eval_cli(stage_run):
+    task_name_ = stage_run.first["task"]
+    folder = stage_run.final / "tasks" / task_name_
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    output = stage_run.root / "cli"
+    command = [
+        str(lm_eval), "--include_path", ".", "--tasks", task_name_, "--model", "hf",
+        "--model_args", f"pretrained={stage_run.tiny},device=cpu", "--batch_size", "4", "--output_path", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(output.rglob("results_*.json")).read_text())["results"][task_name_]
+    assert result["acc,none"] == pytest.approx(stage_run.first["tuned"]["acc"], abs=1e-9)
+    assert result["acc_norm,none"] == pytest.approx(stage_run.first["tuned"]["acc_norm"], abs=1e-9)
+
+
+def test_no_heldout_items_is_a_stage_error(tiny, tmp_path):
+    upstream = make_upstream(tmp_path, tiny, heldout_rows()[:1])
+    from datasets import Dataset, DatasetDict
+
+    empty = Dataset.from_dict({c: [] for c in ("scene", "prompt", "completion", "context", "turn_index")})
+    shutil.rmtree(upstream["dataset"] / "data")
+    DatasetDict({"train": empty, "heldout": empty}).save_to_disk(str(upstream["dataset"] / "data"))
+    with pytest.raises(StageError, match="no held-out items"):
+        run_eval(make_ctx(tmp_path, upstream))
