@@ -126,7 +126,7 @@ def resolve(ref: DataRef, base_dir: Path, *, download: bool = True) -> InputFile
         f"download {ref.url} yourself and put it in {cached.parent}/ or in a folder named by "
         f"RECIPE_DATA_PATH (searched: {folders})"
     )
-    if not download:
+    if not download or os.environ.get("RECIPE_OFFLINE", "") not in ("", "0"):
         raise MissingInputError(f"data file {ref.name} (sha256 {ref.sha256[:12]}…) is not on this machine; {how}.")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)

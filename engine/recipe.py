@@ -349,7 +349,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as exc:
         for error in exc.errors():
             problems.append(_problem_for(error, data, model, loaded, _shown(path)))
-        raise RecipeError(_dedupe(problems)) from None
+        ordered = sorted(_dedupe(problems), key=lambda p: (p.file != _shown(path), p.file, p.line or 0, p.column or 0))
+        raise RecipeError(ordered) from None
     if problems:
         raise RecipeError(problems)
     recipe._file = path.resolve()

@@ -243,7 +243,7 @@ def test_task_folder_runs_with_lm_eval_cli(stage_run):
     output = stage_run.root / "cli"
     command = [
         str(lm_eval), "--include_path", ".", "--tasks", task_name_, "--model", "hf",
-        "--model_args", f"pretrained={stage_run.tiny},device=cpu", "--batch_size", "4", "--output_path", str(output),
+        "--model_args", f"pretrained={stage_run.tiny}", "--device", "cpu", "--batch_size", "4", "--output_path", str(output),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)

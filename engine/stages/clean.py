@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.errors import StageError
 from engine.registry import StageContext, register_stage
 
 Rule = Callable[[dict], Optional[dict]]
@@ -46,7 +47,10 @@ class CleanConfig(BaseModel):
 
 
 def _fix_unicode() -> Rule:
-    import ftfy
+    try:
+        import ftfy
+    except ImportError:
+        raise StageError("clean", "fix_unicode needs ftfy: `pip install ftfy`, or set clean.fix_unicode: false") from None
 
     def fix(text: str) -> str:
         if text.isascii():

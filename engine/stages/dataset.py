@@ -1,1 +1,259 @@
-"""dataset stage (being written)."""
+"""dataset: window the cleaned turns into (prompt, completion) samples for the character, split by scene.
+
+Each line the character speaks becomes one sample: up to `context_turns` preceding turns of the same scene
+(never across a scene break) rendered with the recipe's prompt template (engine/templates.py) as `prompt`,
+and the line itself as `completion` (no EOS: TRL appends the tokenizer's). Whole scenes are held out, chosen
+by a seeded hash of the scene id, so a scene's split never changes when other data is added, and no scene is
+in both splits. Samples longer than `max_length` tokens lose their oldest context turns until they fit.
+
+Output: `data/` (a datasets.DatasetDict with `train` and `heldout`, Arrow on disk) and `preview.md`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.errors import StageError
+from engine.models import base_model_input, resolve_base_model
+from engine.registry import InputFile, StageContext, register_stage
+from engine.templates import (
+    TEMPLATES_DIR,
+    available_templates,
+    context_to_messages,
+    render_prompt,
+    unknown_template_message,
+)
+
+
+class DatasetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context_turns: int = Field(4, ge=0, description="How many preceding turns of the same scene form a sample's context (never across scenes).")
+    min_context_turns: int = Field(1, ge=0, description="Skip character lines with fewer preceding turns than this in their scene (e.g. a scene's first line).")
+    template: str = Field("tokenizer", description="Prompt template: 'tokenizer' (the base model's chat template with the persona system prompt) or the name of a file in templates/ without .jinja.")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of scenes held out for evaluation, picked by a seeded hash of the scene id (stable as data grows).")
+    heldout_scenes: list[str] = Field(default_factory=list, description="Scene ids to hold out, as fnmatch patterns ('henry-iv-part-1/*'); when given, exactly these are held out and heldout_fraction is ignored.")
+    split_seed: int = Field(0, description="Seed of the scene hash that picks held-out scenes and of the sample caps.")
+    max_train_samples: Optional[int] = Field(None, ge=1, description="Keep at most this many training samples, drawn at random with split_seed (smoke runs).")
+    max_heldout_samples: Optional[int] = Field(None, ge=1, description="Keep at most this many held-out samples, drawn at random with split_seed.")
+    max_length: int = Field(256, ge=8, description="Token budget of prompt + completion + EOS; longer samples lose their oldest context turns until they fit (down to min_context_turns), and one that still does not fit is dropped.")
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in available_templates():  # a glob of templates/: no transformers import here
+            raise ValueError(unknown_template_message(value))
+        return value
+
+    @model_validator(mode="after")
+    def _context_bounds(self) -> "DatasetConfig":
+        if self.min_context_turns > self.context_turns:
+            raise ValueError(
+                f"min_context_turns ({self.min_context_turns}) is larger than context_turns ({self.context_turns}): "
+                "no sample could ever qualify; lower min_context_turns or raise context_turns"
+            )
+        return self
+
+
+def dataset_inputs(recipe: Any) -> dict[str, InputFile]:
+    """The base model's bytes (its tokenizer and chat template) and a file template's text enter the cache key."""
+    from engine.datafiles import sha256_file
+
+    inputs = {"base_model": base_model_input(recipe.model)}
+    template_file = TEMPLATES_DIR / f"{recipe.dataset.template}.jinja"
+    if recipe.dataset.template != "tokenizer" and template_file.is_file():
+        inputs["template"] = InputFile(path=template_file, sha256=sha256_file(template_file))
+    return inputs
+
+
+def read_scenes(path: Path) -> dict[str, list[dict]]:
+    """turns.jsonl -> {scene: turns in order}, scenes in the order they first appear."""
+    scenes: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                turn = json.loads(line)
+                scenes.setdefault(str(turn["scene"]), []).append(turn)
+    for turns in scenes.values():
+        turns.sort(key=lambda turn: turn["index"])  # stable: equal indices keep file order
+    return scenes
+
+
+def scene_draw(scene: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the scene id and the seed: the scene is held out when it is below the fraction."""
+    digest = hashlib.sha256(f"{seed}\0{scene}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def heldout_scene_ids(scene_ids: list[str], cfg: DatasetConfig) -> set[str]:
+    if cfg.heldout_scenes:
+        return {scene for scene in scene_ids if any(fnmatch.fnmatchcase(scene, pattern) for pattern in cfg.heldout_scenes)}
+    return {scene for scene in scene_ids if scene_draw(scene, cfg.split_seed) < cfg.heldout_fraction}
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    rank = min(len(sorted_values), max(1, math.ceil(q * len(sorted_values))))  # nearest rank
+    return sorted_values[rank - 1]
+
+
+def _cap(samples: list[dict], limit: Optional[int], seed: int) -> list[dict]:
+    if limit is None or len(samples) <= limit:
+        return samples
+    keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep]
+
+
+def _fenced(text: str) -> str:
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def write_preview(path: Path, samples: list[dict], template: str, character: str) -> None:
+    parts = [f"# Dataset preview: {character}, template `{template}`\n", "The first training samples as the model sees them.\n"]
+    for number, sample in enumerate(samples[:3], 1):
+        parts.append(f"## Sample {number} (scene `{sample['scene']}`, turn {sample['turn_index']})\n")
+        parts.append("### prompt\n\n" + _fenced(sample["prompt"]) + "\n")
+        parts.append("### completion (the loss is on this, plus the tokenizer's EOS)\n\n" + _fenced(sample["completion"]) + "\n")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+@register_stage(
+    "dataset",
+    config=DatasetConfig,
+    version="1",
+    reads=("dataset", "character", "model"),
+    needs=("clean",),
+    libraries=("transformers", "tokenizers", "datasets", "jinja2"),
+    external_inputs=dataset_inputs,
+)
+def run_dataset(ctx: StageContext) -> dict:
+    """Window the character's lines into prompt/completion samples, split by scene, saved as a DatasetDict."""
+    from datasets import Dataset, DatasetDict, Features, List, Value
+    from transformers import AutoTokenizer
+
+    cfg: DatasetConfig = ctx.config
+    persona = ctx.recipe.character
+    name = persona.name
+    scenes = read_scenes(ctx.upstream["clean"] / "turns.jsonl")
+
+    speakers = Counter(turn["speaker"] for turns in scenes.values() for turn in turns)
+    if speakers[name] == 0:
+        top = ", ".join(f"{speaker} ({count})" for speaker, count in speakers.most_common(5))
+        raise StageError(
+            "dataset",
+            f"the character '{name}' has no lines in the cleaned turns; the most frequent speakers are: {top}. "
+            "fix: set character.name to the speaker as spelled in the data, or map aliases to it in the clean stage",
+        )
+
+    heldout_ids = heldout_scene_ids(list(scenes), cfg)
+    if cfg.heldout_scenes and not heldout_ids:
+        examples = ", ".join(list(scenes)[:5])
+        raise StageError(
+            "dataset",
+            f"dataset.heldout_scenes {cfg.heldout_scenes} match no scene; scene ids look like: {examples}",
+        )
+
+    folder = resolve_base_model(ctx.recipe.model, ctx.console)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ctx.recipe.model.trust_remote_code)
+    eos = tokenizer.eos_token or ""
+
+    def build(context: list[dict], completion: str) -> tuple[str, int]:
+        try:
+            prompt = render_prompt(cfg.template, tokenizer, context_to_messages(context, name), persona)
+        except ValueError as error:  # e.g. a base tokenizer without a chat template
+            raise StageError("dataset", str(error)) from None
+        return prompt, len(tokenizer(prompt + completion + eos)["input_ids"])
+
+    counts = Counter()
+    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
+    ctx.console.print(f"[dim]dataset: {speakers[name]} lines of {name} in {len(scenes)} scenes, template '{cfg.template}'[/dim]")
+    for scene, turns in scenes.items():
+        split = "heldout" if scene in heldout_ids else "train"
+        for position, turn in enumerate(turns):
+            if turn["speaker"] != name:
+                continue
+            context = turns[max(0, position - cfg.context_turns) : position] if cfg.context_turns else []
+            if len(context) < cfg.min_context_turns:
+                counts["skipped_no_context"] += 1
+                continue
+            completion = str(turn["text"])
+            prompt, length = build(context, completion)
+            was_trimmed = False
+            while length > cfg.max_length and len(context) > cfg.min_context_turns:
+                context = context[1:]  # the oldest turn goes first
+                prompt, length = build(context, completion)
+                was_trimmed = True
+            if length > cfg.max_length:
+                counts["dropped_too_long"] += 1
+                continue
+            counts["trimmed"] += was_trimmed
+            splits[split].append(
+                {
+                    "scene": scene,
+                    "prompt": prompt,
+                    "completion": completion,
+                    "context": [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in context],
+                    "turn_index": int(turn["index"]),
+                    "_tokens": length,
+                }
+            )
+
+    for split, fix in (
+        ("train", "lower dataset.heldout_fraction or hold out fewer scenes with dataset.heldout_scenes"),
+        ("heldout", "raise dataset.heldout_fraction, change dataset.split_seed, or name scenes in dataset.heldout_scenes"),
+    ):
+        if not splits[split]:
+            raise StageError(
+                "dataset",
+                f"the {split} split is empty ({len(splits['train'])} train, {len(splits['heldout'])} held-out samples; "
+                f"{counts['skipped_no_context']} skipped for too little context, {counts['dropped_too_long']} too long); fix: {fix}",
+            )
+
+    splits["train"] = _cap(splits["train"], cfg.max_train_samples, cfg.split_seed)
+    splits["heldout"] = _cap(splits["heldout"], cfg.max_heldout_samples, cfg.split_seed + 1)
+
+    features = Features(
+        {
+            "scene": Value("string"),
+            "prompt": Value("string"),
+            "completion": Value("string"),
+            "context": List({"speaker": Value("string"), "text": Value("string")}),
+            "turn_index": Value("int64"),
+        }
+    )
+    columns = list(features)
+    data = DatasetDict(
+        {split: Dataset.from_list([{k: s[k] for k in columns} for s in rows], features=features) for split, rows in splits.items()}
+    )
+    data.save_to_disk(str(ctx.out / "data"))
+    write_preview(ctx.out / "preview.md", splits["train"], cfg.template, persona.shown_name)
+
+    lengths = sorted(s["_tokens"] for rows in splits.values() for s in rows)
+    return {
+        "train": len(splits["train"]),
+        "heldout": len(splits["heldout"]),
+        "train_scenes": len({s["scene"] for s in splits["train"]}),
+        "heldout_scenes": len({s["scene"] for s in splits["heldout"]}),
+        "skipped_no_context": counts["skipped_no_context"],
+        "dropped_too_long": counts["dropped_too_long"],
+        "trimmed": counts["trimmed"],
+        "tokens_mean": round(sum(lengths) / len(lengths), 1),
+        "tokens_p50": _percentile(lengths, 0.50),
+        "tokens_p95": _percentile(lengths, 0.95),
+        "tokens_max": lengths[-1],
+        "max_length": cfg.max_length,
+        "template": cfg.template,
+    }

@@ -5,8 +5,10 @@ reply starts) with K+1 choices: the character's real line and K lines spoken by 
 scene (other held-out scenes, then the whole corpus, when a scene has too few). The task is written as a plain
 lm-eval task folder in the run (`tasks/<task>/<task>.yaml` + `items.jsonl`) that anyone can rerun:
 
-    cd runs/<name>/eval/tasks/<task> && lm_eval --include_path . --tasks <task> --model hf \
-        --model_args pretrained=<model folder>,device=cpu --batch_size 8
+    cd <run folder>/eval/tasks/<task> && lm_eval --include_path . --tasks <task> --model hf \
+        --model_args pretrained=<model folder> --device cpu --batch_size 8
+
+(`--device`, not `device=` inside --model_args: the 0.4.13 CLI always passes its own device, default cuda:0.)
 
 The base model's scores are cached outside the run (cache_root()/eval-base/<key>.json), keyed by the items,
 the base model's bytes and the lm-eval version, so that re-training only re-scores the tuned model.
@@ -159,7 +161,7 @@ TASK_YAML = """\
 # `data_files` is relative: lm-eval (datasets) resolves it against the working directory, so run
 # lm_eval from this folder:
 #   cd <this folder> && lm_eval --include_path . --tasks {task} --model hf \\
-#       --model_args pretrained=<model folder>,device=cpu --batch_size 8
+#       --model_args pretrained=<model folder> --device cpu --batch_size 8
 task: {task}
 dataset_path: json
 dataset_kwargs:
