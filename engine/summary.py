@@ -20,12 +20,11 @@ def describe(name: str, summary: dict) -> str:
         changed = ", ".join(f"{r['rule']} {r['changed']}/{r['removed']}" for r in summary.get("rules", []) if r.get("changed") or r.get("removed"))
         return f"{summary.get('turns_out', 0):,} of {summary.get('turns_in', 0):,} turns kept" + (f" (changed/removed: {changed})" if changed else "")
     if name == "dataset":
-        counts = summary.get("counts", summary)
-        tokens = summary.get("tokens", {})
-        text = f"{counts.get('train', '?')} train / {counts.get('heldout', '?')} held-out samples"
-        if tokens:
-            text += f"; tokens p50 {tokens.get('p50', '?')}, p95 {tokens.get('p95', '?')}"
-        return text + f"; template {summary.get('template', '?')}"
+        return (
+            f"{summary.get('train', '?')} train / {summary.get('heldout', '?')} held-out samples "
+            f"({summary.get('train_scenes', '?')} / {summary.get('heldout_scenes', '?')} scenes); "
+            f"tokens p50 {summary.get('tokens_p50', '?')}, p95 {summary.get('tokens_p95', '?')}; template {summary.get('template', '?')}"
+        )
     if name == "train":
         return (
             f"{summary.get('steps', '?')} steps, loss {_fmt(summary.get('first_loss', '?'))} → {_fmt(summary.get('final_loss', '?'))}, "

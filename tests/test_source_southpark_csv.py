@@ -96,7 +96,13 @@ def test_newlines_inside_a_line(tmp_path: Path) -> None:
     path = tmp_path / "lines.csv"
     path.write_text('Season,Episode,Character,Line\n3,7,Kyle,"One line\nand another. \n"\n', encoding="utf-8")
     assert read(path) == [
-        {"scene": "s03e07", "index": 0, "speaker": "Kyle", "text": "One line and another.", "meta": {"season": 3, "episode": 7}}
+        {
+            "scene": "s03e07",
+            "index": 0,
+            "speaker": "Kyle",
+            "text": "One line and another.",
+            "meta": {"season": 3, "episode": 7},
+        }
     ]
 
 

@@ -254,11 +254,19 @@ def test_task_folder_runs_with_lm_eval_cli(stage_run):
 
 
 def test_no_heldout_items_is_a_stage_error(tiny, tmp_path):
-    upstream = make_upstream(tmp_path, tiny, heldout_rows()[:1])
     from datasets import Dataset, DatasetDict
 
-    empty = Dataset.from_dict({c: [] for c in ("scene", "prompt", "completion", "context", "turn_index")})
-    shutil.rmtree(upstream["dataset"] / "data")
-    DatasetDict({"train": empty, "heldout": empty}).save_to_disk(str(upstream["dataset"] / "data"))
+    upstream = make_upstream(tmp_path, tiny, heldout_rows())
+    data = upstream["dataset"] / "data"
+    train = Dataset.from_list(heldout_rows())
+    # no held-out split at all (datasets cannot reload an empty saved split, so this is how "none" looks)
+    shutil.rmtree(data)
+    DatasetDict({"train": train}).save_to_disk(str(data))
     with pytest.raises(StageError, match="no held-out items"):
         run_eval(make_ctx(tmp_path, upstream))
+    # held-out rows whose real lines are all empty
+    shutil.rmtree(data)
+    blank = Dataset.from_list([{**row, "completion": "  "} for row in heldout_rows()[:2]])
+    DatasetDict({"train": train, "heldout": blank}).save_to_disk(str(data))
+    with pytest.raises(StageError, match="empty"):
+        run_eval(make_ctx(tmp_path, upstream, "eval.tmp2"))

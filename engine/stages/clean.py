@@ -35,7 +35,8 @@ class CleanConfig(BaseModel):
     drop_empty: bool = Field(True, description="Remove turns whose text is empty or only whitespace.")
     speaker_aliases: dict[str, str] = Field(
         default_factory=dict,
-        description="Rename speakers, alias -> canonical name (e.g. Ludwig: Beethoven); applied to the stripped speaker.",
+        description="Rename speakers, alias -> canonical name (e.g. Ludwig: Beethoven); "
+        "applied to the stripped speaker.",
     )
     drop_speakers: list[str] = Field(
         default_factory=list,
@@ -50,7 +51,9 @@ def _fix_unicode() -> Rule:
     try:
         import ftfy
     except ImportError:
-        raise StageError("clean", "fix_unicode needs ftfy: `pip install ftfy`, or set clean.fix_unicode: false") from None
+        raise StageError(
+            "clean", "fix_unicode needs ftfy: `pip install ftfy`, or set clean.fix_unicode: false"
+        ) from None
 
     def fix(text: str) -> str:
         if text.isascii():

@@ -142,6 +142,7 @@ def write_preview(path: Path, samples: list[dict], template: str, character: str
 def run_dataset(ctx: StageContext) -> dict:
     """Window the character's lines into prompt/completion samples, split by scene, saved as a DatasetDict."""
     from datasets import Dataset, DatasetDict, Features, List, Value
+    from rich.progress import track
     from transformers import AutoTokenizer
 
     cfg: DatasetConfig = ctx.config
@@ -170,17 +171,23 @@ def run_dataset(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ctx.recipe.model.trust_remote_code)
     eos = tokenizer.eos_token or ""
 
-    def build(context: list[dict], completion: str) -> tuple[str, int]:
+    def build(context: list[dict], completion: str) -> tuple[str, list[int]]:
         try:
             prompt = render_prompt(cfg.template, tokenizer, context_to_messages(context, name), persona)
         except ValueError as error:  # e.g. a base tokenizer without a chat template
             raise StageError("dataset", str(error)) from None
-        return prompt, len(tokenizer(prompt + completion + eos)["input_ids"])
+        return prompt, tokenizer(prompt + completion + eos)["input_ids"]  # as TRL tokenizes it
 
-    counts = Counter()
+    counts: Counter[str] = Counter()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
-    ctx.console.print(f"[dim]dataset: {speakers[name]} lines of {name} in {len(scenes)} scenes, template '{cfg.template}'[/dim]")
-    for scene, turns in scenes.items():
+    progress = track(
+        scenes.items(),
+        total=len(scenes),
+        description=f"dataset: {speakers[name]} lines of {name}, template '{cfg.template}'",
+        console=ctx.console,
+        transient=True,
+    )
+    for scene, turns in progress:
         split = "heldout" if scene in heldout_ids else "train"
         for position, turn in enumerate(turns):
             if turn["speaker"] != name:
@@ -190,13 +197,13 @@ def run_dataset(ctx: StageContext) -> dict:
                 counts["skipped_no_context"] += 1
                 continue
             completion = str(turn["text"])
-            prompt, length = build(context, completion)
+            prompt, ids = build(context, completion)
             was_trimmed = False
-            while length > cfg.max_length and len(context) > cfg.min_context_turns:
+            while len(ids) > cfg.max_length and len(context) > cfg.min_context_turns:
                 context = context[1:]  # the oldest turn goes first
-                prompt, length = build(context, completion)
+                prompt, ids = build(context, completion)
                 was_trimmed = True
-            if length > cfg.max_length:
+            if len(ids) > cfg.max_length:
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += was_trimmed
@@ -207,9 +214,15 @@ def run_dataset(ctx: StageContext) -> dict:
                     "completion": completion,
                     "context": [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in context],
                     "turn_index": int(turn["index"]),
-                    "_tokens": length,
+                    "_ids": ids,
                 }
             )
+
+    # TRL masks the prompt's tokens; when the prompt's last token merges with the completion's first one (a
+    # prompt ending in ':' before a line starting with '('), training sees a slightly different prompt
+    kept = splits["train"] + splits["heldout"]
+    for sample, prompt_ids in zip(kept, tokenizer([s["prompt"] for s in kept])["input_ids"] if kept else []):
+        counts["boundary_merges"] += sample["_ids"][: len(prompt_ids)] != prompt_ids
 
     for split, fix in (
         ("train", "lower dataset.heldout_fraction or hold out fewer scenes with dataset.heldout_scenes"),
@@ -241,7 +254,7 @@ def run_dataset(ctx: StageContext) -> dict:
     data.save_to_disk(str(ctx.out / "data"))
     write_preview(ctx.out / "preview.md", splits["train"], cfg.template, persona.shown_name)
 
-    lengths = sorted(s["_tokens"] for rows in splits.values() for s in rows)
+    lengths = sorted(len(s["_ids"]) for rows in splits.values() for s in rows)
     return {
         "train": len(splits["train"]),
         "heldout": len(splits["heldout"]),
@@ -250,6 +263,7 @@ def run_dataset(ctx: StageContext) -> dict:
         "skipped_no_context": counts["skipped_no_context"],
         "dropped_too_long": counts["dropped_too_long"],
         "trimmed": counts["trimmed"],
+        "boundary_merges": counts["boundary_merges"],
         "tokens_mean": round(sum(lengths) / len(lengths), 1),
         "tokens_p50": _percentile(lengths, 0.50),
         "tokens_p95": _percentile(lengths, 0.95),

@@ -186,8 +186,8 @@ def find_resume_checkpoint(checkpoints: Path, console: Any) -> Optional[Path]:
 def check_completions_fit(train: Any, tokenizer: Any, max_length: int, console: Any) -> dict:
     """Every sample must keep at least one completion token after truncation to max_length (TRL would drop it
     silently otherwise). Tokenizes prompts and lines in one batch each: cheap next to training."""
-    prompts = tokenizer(train["prompt"])["input_ids"]
-    lines = tokenizer(train["completion"])["input_ids"]
+    prompts = tokenizer(list(train["prompt"]))["input_ids"]
+    lines = tokenizer(list(train["completion"]))["input_ids"]
     cut = 0
     for index, (prompt, line) in enumerate(zip(prompts, lines)):
         if len(prompt) >= max_length:

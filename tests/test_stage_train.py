@@ -1,0 +1,270 @@
+"""The train stage on a tiny random model: it learns, writes its reports, resumes after a SIGKILL (skipping a
+corrupt checkpoint), and refuses samples whose line would be truncated away.
+
+    python -m pytest -q tests/test_stage_train.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+from pydantic import ValidationError
+from rich.console import Console
+
+from engine.errors import StageError
+from engine.models import TINY_OVERRIDES, ModelConfig, resolve_base_model
+from engine.persona import CharacterConfig
+from engine.registry import STAGES, StageContext
+from engine.stages.export import ExportConfig
+from engine.stages.train import TrainConfig, find_resume_checkpoint, resolve_precision, run_train
+
+TESTS = Path(__file__).resolve().parent
+TINY_MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES))
+CHARACTER = CharacterConfig(name="FALSTAFF")
+EXCHANGES = [
+    ("HAL", "Now, Hal, what time of day is it, lad?", "Indeed, you come near me now, Hal."),
+    ("POINS", "Good morrow, sweet Hal.", "Marry, then, sweet wag, when thou art king."),
+    ("HOSTESS", "O Jesu, my lord the prince!", "A plague of all cowards, I say."),
+    ("PETO", "Give me a cup of sack, boy.", "I am a rogue if I drunk today."),
+    ("HOTSPUR", "My liege, I did deny no prisoners.", "Honour pricks me on."),
+    ("BARDOLPH", "Why, Sir John, my face does you no harm.", "No, I'll be sworn; I make as good use of it."),
+]
+
+
+def build_dataset(folder: Path, tokenizer, rows: int = 24, long_prompt_at: int | None = None) -> Path:
+    """A fake upstream dataset stage folder: <folder>/data, a DatasetDict with splits train and heldout."""
+    from datasets import Dataset, DatasetDict
+
+    from engine.templates import render_prompt
+
+    def split(count: int, offset: int, long_at: int | None) -> Dataset:
+        records = {"scene": [], "prompt": [], "completion": [], "context": [], "turn_index": []}
+        for i in range(count):
+            speaker, text, reply = EXCHANGES[(i + offset) % len(EXCHANGES)]
+            if i == long_at:
+                text = " ".join([text] * 40)
+            context = [{"speaker": speaker, "text": text}]
+            messages = [{"role": "user", "content": f"{speaker}: {text}"}]
+            records["scene"].append(f"play/s{(i + offset) % len(EXCHANGES)}")
+            records["prompt"].append(render_prompt("tokenizer", tokenizer, messages, CHARACTER))
+            records["completion"].append(reply)
+            records["context"].append(context)
+            records["turn_index"].append(1)
+        return Dataset.from_dict(records)
+
+    data = DatasetDict({"train": split(rows, 0, long_prompt_at), "heldout": split(4, 3, None)})
+    data.save_to_disk(str(folder / "data"))
+    return folder
+
+
+def make_ctx(out: Path, dataset_dir: Path, config: TrainConfig, console) -> StageContext:
+    recipe = SimpleNamespace(
+        name="tiny-falstaff",
+        model=TINY_MODEL,
+        train=config,
+        character=CHARACTER,
+        dataset=SimpleNamespace(template="tokenizer"),
+        export=ExportConfig(),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        recipe=recipe, config=config, out=out, run_dir=out.parent, upstream={"dataset": dataset_dir}, inputs={}, console=console
+    )
+
+
+def recording_console() -> Console:
+    return Console(file=io.StringIO(), width=200, record=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_base_model(TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory, tokenizer) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("dataset"), tokenizer)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_and_errors():
+    cfg = TrainConfig()
+    assert (cfg.method, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == ("lora", 16, 32, 0.05)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (cfg.max_steps, cfg.batch_size, cfg.max_length, cfg.precision, cfg.gradient_checkpointing) == (60, 8, 256, "auto", False)
+    assert TrainConfig(lora={"target_modules": "all-linear"}).lora.target_modules == "all-linear"
+    assert TrainConfig(max_steps=None, num_epochs=2).num_epochs == 2
+    with pytest.raises(ValidationError, match="lora.rnak"):
+        TrainConfig(lora={"rnak": 8})
+    with pytest.raises(ValidationError, match="did you mean 'cosine'"):
+        TrainConfig(lr_scheduler="cosin")
+    with pytest.raises(ValidationError, match="num_epochs"):
+        TrainConfig(max_steps=0)
+    for field in TrainConfig.model_fields.values():
+        assert field.description
+    stage = STAGES["train"]
+    assert stage.needs == ("dataset",) and stage.reads == ("train", "model")
+
+
+def test_precision():
+    import torch
+
+    from engine.stages.train import cpu_has_bf16
+
+    expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if torch.cuda.is_available() else ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("fp32") == "fp32"
+    if not torch.cuda.is_available():
+        with pytest.raises(StageError, match="fp16 needs a CUDA GPU"):
+            resolve_precision("fp16")
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_train_learns_and_reports(tmp_path, dataset_dir):
+    cfg = TrainConfig(
+        max_steps=16, save_steps=5, batch_size=4, learning_rate=5e-3, lr_scheduler="constant", logging_steps=1,
+        lora={"target_modules": "all-linear"}, max_length=128,
+    )  # fmt: skip
+    console = recording_console()
+    summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, console))
+
+    out = tmp_path / "train"
+    assert summary["steps"] == 16 and summary["precision"] in ("fp32", "bf16")
+    assert summary["trainable_params"] > 0 and summary["tokens_per_s"] > 0
+    history = json.loads((out / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 16
+    assert summary["first_loss"] == losses[0] and summary["final_loss"] == losses[-1]
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses  # a repeated tiny dataset at a high lr is learned
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("first_loss", "final_loss", "steps", "samples_seen", "train_runtime_s", "tokens_per_s", "peak_rss_mb", "precision"):
+        assert metrics[key] is not None, key
+    assert metrics["samples_seen"] == 16 * 4 and metrics["peak_rss_mb"] > 50 and metrics["resumed_from"] is None
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "tokenizer_config.json").is_file()
+    assert not (out / "checkpoints").exists()
+    assert not list(dataset_dir.rglob("cache-*.arrow")), "the upstream dataset folder must not be written to"
+    assert "16 steps" in console.export_text()
+
+
+def test_completion_only_loss_covers_line_and_eos(tmp_path, tokenizer):
+    """The labels TRL builds from our columns: the line and the EOS, nothing of the prompt."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from engine.stages.train import load_base_model
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "HAL: Hello"}], add_generation_prompt=True, tokenize=False)
+    data = Dataset.from_dict({"prompt": [prompt], "completion": ["Honour pricks me on."]})
+    model = load_base_model(resolve_base_model(TINY_MODEL), None)
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    labelled = [token for token in row["labels"] if token != -100]
+    assert tokenizer.decode(labelled) == "Honour pricks me on." + tokenizer.eos_token
+
+
+def test_prompt_longer_than_max_length_is_refused(tmp_path, tokenizer):
+    dataset = build_dataset(tmp_path / "dataset", tokenizer, rows=6, long_prompt_at=3)
+    cfg = TrainConfig(max_steps=2, batch_size=2, max_length=96)
+    with pytest.raises(StageError, match=r"sample 3 .*max_length=96.*raise train\.max_length.*dataset\.context_turns"):
+        run_train(make_ctx(tmp_path / "train", dataset, cfg, recording_console()))
+    assert not (tmp_path / "train" / "checkpoints").exists()  # refused before any training
+
+
+# ---------------------------------------------------------------- resuming
+
+RESUME_CFG = dict(max_steps=12, save_steps=2, save_total_limit=2, batch_size=4, learning_rate=1e-3, logging_steps=1, max_length=128)
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import transformers
+step = transformers.Trainer.training_step
+def slow_step(self, *args, **kwargs):  # slow enough to be killed mid-run
+    time.sleep(0.3)
+    return step(self, *args, **kwargs)
+transformers.Trainer.training_step = slow_step
+from pathlib import Path
+from rich.console import Console
+import test_stage_train as t
+from engine.stages.train import TrainConfig, run_train
+run_train(t.make_ctx(Path({out!r}), Path({dataset!r}), TrainConfig(**t.RESUME_CFG), Console(quiet=True)))
+"""
+
+
+def test_find_resume_checkpoint_skips_broken_ones(tmp_path):
+    def checkpoint(step: int, state: bool = True, weights: bool = True) -> None:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if weights:
+            (folder / "adapter_model.safetensors").write_bytes(b"weights")
+
+    checkpoint(2)
+    checkpoint(9)
+    checkpoint(10, weights=False)
+    checkpoint(12, state=False)
+    (tmp_path / "checkpoint-14").write_text("not a folder")
+    (tmp_path / "checkpoint-x").mkdir()
+    console = recording_console()
+    assert find_resume_checkpoint(tmp_path, console) == tmp_path / "checkpoint-9"
+    text = console.export_text()
+    assert "skipping checkpoint-12: no trainer_state.json" in text and "skipping checkpoint-10: no adapter weights" in text
+    assert find_resume_checkpoint(tmp_path / "missing", console) is None
+
+
+def test_resume_after_sigkill(tmp_path, dataset_dir):
+    out = tmp_path / "train"
+    checkpoints = out / "checkpoints"
+    script = CHILD.format(tests=str(TESTS), out=str(out), dataset=str(dataset_dir))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=TESTS.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (checkpoints / "checkpoint-4" / "trainer_state.json").is_file():
+            assert child.poll() is None, f"training ended before it could be killed:\n{child.stderr.read().decode()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint-4 within 240 s"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+
+    # the newest complete checkpoint is damaged: the run must fall back to the one before it
+    steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert len(steps) >= 2, steps
+    (checkpoints / f"checkpoint-{steps[-1]}" / "trainer_state.json").unlink()
+
+    console = recording_console()
+    summary = run_train(make_ctx(out, dataset_dir, TrainConfig(**RESUME_CFG), console))
+    text = console.export_text()
+    assert f"skipping checkpoint-{steps[-1]}: no trainer_state.json" in text
+    assert f"resuming from checkpoint-{steps[-2]}" in text
+    assert summary["steps"] == 12
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == f"checkpoint-{steps[-2]}" and metrics["steps"] == 12
+    history = json.loads((out / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, 13))  # the history before the kill was kept
+    assert not checkpoints.exists()
