@@ -25,6 +25,7 @@ from engine.registry import InputFile
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = "v2"  # bump when the conversion's output changes (the folder name carries it)
 # The smallest config that still exercises every code path (used by `recipe run --smoke` and the tests).
 TINY_OVERRIDES = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -95,7 +96,7 @@ def _atomic_folder(target: Path, build: Any) -> Path:
 def _convert_embedded(console: Any) -> Path:
     gguf = embedded_gguf()
     digest = sha256_file(gguf)
-    target = cache_root() / "models" / f"smollm2-135m-instruct-{digest[:12]}"
+    target = cache_root() / "models" / f"smollm2-135m-instruct-{digest[:12]}-{CONVERSION_VERSION}"
 
     def build(tmp: Path) -> None:
         import torch
@@ -106,7 +107,12 @@ def _convert_embedded(console: Any) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # a gguf-loaded model refuses save_pretrained: copy its weights into a plain model of the same config
-        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        config = loaded.config
+        # transformers 5 keeps a gguf quantization_config in the config; the saved folder holds plain fp32
+        # weights, and with that entry left in, every later from_pretrained asks for the gguf file again
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
         plain.save_pretrained(tmp)
@@ -124,6 +130,8 @@ def _random_model(base_dir: Path, cfg: ModelConfig) -> Path:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.trust_remote_code)
+        if hasattr(config, "quantization_config"):  # random weights are never quantized
+            del config.quantization_config
         for key, value in cfg.config_overrides.items():
             setattr(config, key, value)
         torch.manual_seed(0)

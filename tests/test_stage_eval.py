@@ -6,6 +6,7 @@ running under the plain `lm_eval` CLI with the same score, the outputs, the base
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -71,15 +72,17 @@ def turns() -> list[dict]:
     ]
 
 
-def heldout_rows(render=lambda context: "\n".join(context)) -> list[dict]:
+def heldout_rows(render=lambda lines: "\n".join(lines)) -> list[dict]:
+    """Rows shaped like the dataset stage's: `context` is the list of preceding turns {speaker, text}."""
     rows = []
     for scene in HELDOUT_SCENES:
         lines = SCENES[scene]
         for i, (speaker, text) in enumerate(lines):
             if speaker != CHARACTER:
                 continue
-            context = [f"{s}: {t}" for s, t in lines[max(0, i - 3) : i]]
-            rows.append({"scene": scene, "prompt": render(context), "completion": text, "context": "\n".join(context), "turn_index": i})
+            context = [{"speaker": s, "text": t} for s, t in lines[max(0, i - 3) : i]]
+            prompt = render([f"{turn['speaker']}: {turn['text']}" for turn in context])
+            rows.append({"scene": scene, "prompt": prompt, "completion": text, "context": context, "turn_index": i})
     return rows
 
 
@@ -187,20 +190,22 @@ def stage_run(tiny, tmp_path_factory):
     """One full run (base scored), then a second run whose base scores must come from the cache."""
     root = tmp_path_factory.mktemp("run")
     cache = root / "cache"
-    patcher = pytest.MonkeyPatch()
-    patcher.setattr(eval_stage, "cache_root", lambda: cache)  # only the eval-base cache: the model cache stays
-    upstream = make_upstream(root, tiny, chat_rows(tiny))
-    ctx = make_ctx(root, upstream)
-    first = run_eval(ctx)
-    final = root / "eval"
-    ctx.out.rename(final)  # what the runner does when the stage returns
-
     scored: list[Path] = []
-    real_score = eval_stage.score
-    patcher.setattr(eval_stage, "score", lambda model_dir, *a, **k: scored.append(model_dir) or real_score(model_dir, *a, **k))
-    second = run_eval(make_ctx(root, upstream, "eval.tmp2"))
-    patcher.undo()
-    return SimpleNamespace(root=root, final=final, first=first, second=second, scored=scored, cache=cache, tiny=tiny)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(eval_stage, "cache_root", lambda: cache)  # only the eval-base cache: the model cache stays
+        upstream = make_upstream(root, tiny, chat_rows(tiny))
+        ctx = make_ctx(root, upstream)
+        first = run_eval(ctx)
+        final = root / "eval"
+        ctx.out.rename(final)  # what the runner does when the stage returns
+
+        real_score = eval_stage.score  # a spy: which models the second run scores
+        patcher.setattr(eval_stage, "score", lambda model_dir, *a, **k: scored.append(model_dir) or real_score(model_dir, *a, **k))
+        ctx2 = make_ctx(root, upstream, "eval.tmp2")
+        ctx2.console = Console(file=io.StringIO(), width=400)
+        second = run_eval(ctx2)
+    log = ctx2.console.file.getvalue()
+    return SimpleNamespace(root=root, final=final, first=first, second=second, scored=scored, cache=cache, tiny=tiny, log=log)
 
 
 def test_stage_outputs(stage_run):
@@ -212,6 +217,7 @@ def test_stage_outputs(stage_run):
     # the same tiny model is base and tuned: the same scores
     assert summary["base"]["acc"] == pytest.approx(summary["tuned"]["acc"])
     assert set(summary["sample"]) == {"context", "real", "generated"}
+    assert summary["sample"]["context"].startswith("HAL: Now, Hal")  # the context turns as "SPEAKER: text" lines
 
     results = json.loads((stage_run.final / "results.json").read_text())
     assert results["items"] == 6 and results["chance"] == 0.25 and results["tuned"]["n"] == 6
@@ -234,6 +240,7 @@ def test_base_scores_cached(stage_run):
     assert stage_run.second["base"] == stage_run.first["base"]
     results = json.loads((stage_run.root / "eval.tmp2" / "results.json").read_text())
     assert results["base"]["cached"] is True
+    assert "base model scores reused from" in stage_run.log
 
 
 def test_task_folder_runs_with_lm_eval_cli(stage_run):

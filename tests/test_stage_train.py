@@ -32,6 +32,9 @@ from engine.stages.train import TrainConfig, find_resume_checkpoint, resolve_pre
 
 TESTS = Path(__file__).resolve().parent
 TINY_MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES))
+# The same tiny model with larger random weights: with the default 0.02 the frozen (tied) embeddings bound every
+# logit near zero, so no adapter can move the loss far from ln(vocab); 0.2 lets 16 steps show real learning.
+LEARNABLE_MODEL = ModelConfig(random_init=True, config_overrides={**TINY_OVERRIDES, "initializer_range": 0.2})
 CHARACTER = CharacterConfig(name="FALSTAFF")
 EXCHANGES = [
     ("HAL", "Now, Hal, what time of day is it, lad?", "Indeed, you come near me now, Hal."),
@@ -69,10 +72,10 @@ def build_dataset(folder: Path, tokenizer, rows: int = 24, long_prompt_at: int |
     return folder
 
 
-def make_ctx(out: Path, dataset_dir: Path, config: TrainConfig, console) -> StageContext:
+def make_ctx(out: Path, dataset_dir: Path, config: TrainConfig, console, model: ModelConfig = TINY_MODEL) -> StageContext:
     recipe = SimpleNamespace(
         name="tiny-falstaff",
-        model=TINY_MODEL,
+        model=model,
         train=config,
         character=CHARACTER,
         dataset=SimpleNamespace(template="tokenizer"),
@@ -140,11 +143,11 @@ def test_precision():
 
 def test_train_learns_and_reports(tmp_path, dataset_dir):
     cfg = TrainConfig(
-        max_steps=16, save_steps=5, batch_size=4, learning_rate=5e-3, lr_scheduler="constant", logging_steps=1,
+        max_steps=16, save_steps=5, batch_size=4, learning_rate=1e-2, lr_scheduler="constant", logging_steps=1,
         lora={"target_modules": "all-linear"}, max_length=128,
     )  # fmt: skip
     console = recording_console()
-    summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, console))
+    summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, console, LEARNABLE_MODEL))
 
     out = tmp_path / "train"
     assert summary["steps"] == 16 and summary["precision"] in ("fp32", "bf16")
@@ -153,7 +156,7 @@ def test_train_learns_and_reports(tmp_path, dataset_dir):
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 16
     assert summary["first_loss"] == losses[0] and summary["final_loss"] == losses[-1]
-    assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses  # a repeated tiny dataset at a high lr is learned
+    assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses  # a repeated tiny dataset at a high lr is learned
 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("first_loss", "final_loss", "steps", "samples_seen", "train_runtime_s", "tokens_per_s", "peak_rss_mb", "precision"):
@@ -177,7 +180,7 @@ def test_completion_only_loss_covers_line_and_eos(tmp_path, tokenizer):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "HAL: Hello"}], add_generation_prompt=True, tokenize=False)
     data = Dataset.from_dict({"prompt": [prompt], "completion": ["Honour pricks me on."]})
     model = load_base_model(resolve_base_model(TINY_MODEL), None)
-    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True, bf16=False)
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     row = trainer.train_dataset[0]
     labelled = [token for token in row["labels"] if token != -100]
@@ -268,3 +271,10 @@ def test_resume_after_sigkill(tmp_path, dataset_dir):
     history = json.loads((out / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == list(range(1, 13))  # the history before the kill was kept
     assert not checkpoints.exists()
+
+    # the same data order, dropout and optimizer state as a run that was never interrupted
+    reference = run_train(make_ctx(tmp_path / "reference", dataset_dir, TrainConfig(**RESUME_CFG), recording_console()))
+    reference_history = json.loads((tmp_path / "reference" / "log_history.json").read_text())
+    resumed_losses = [e["loss"] for e in history if "loss" in e]
+    assert resumed_losses == pytest.approx([e["loss"] for e in reference_history if "loss" in e], abs=1e-4)
+    assert summary["final_loss"] == pytest.approx(reference["final_loss"], abs=1e-4)

@@ -144,10 +144,8 @@ def run_export(ctx: StageContext) -> dict:
         raise StageError("export", f"the exported chat template does not carry the persona of {recipe.character.shown_name}")
 
     size_mb = folder_size_mb(out)
-    console.print(
-        f"export: {out} ({dtype_name}, {size_mb} MB); reload max |Δlogits| {reload_diff:.2g}, "
-        f"merge vs adapter {merge_diff:.2g}, {dtype_name} vs fp32 {dtype_diff:.2g}"
-    )
+    cast = f", {dtype_name} vs fp32 {dtype_diff:.2g}" if dtype_name != "fp32" else ""
+    console.print(f"export: {out} ({dtype_name}, {size_mb} MB); max |Δlogits| reload {reload_diff:.2g}, merge vs adapter {merge_diff:.2g}{cast}")
     return {
         "dtype": dtype_name,
         "size_mb": size_mb,

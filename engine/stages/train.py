@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision; auto = bf16 where the GPU or CPU (AMX / AVX512-BF16) supports it, else fp32."
     )
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length together (less padding, more tokens/s); false = plain random order."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~40 % slower on CPU.")
     save_steps: int = Field(20, ge=1, description="Write a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints (the oldest are deleted).")
@@ -251,7 +254,7 @@ def run_train(ctx: StageContext) -> dict:
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Trainer
     from trl import SFTConfig, SFTTrainer
 
     cfg: TrainConfig = ctx.config
@@ -305,9 +308,10 @@ def run_train(ctx: StageContext) -> dict:
         max_length=cfg.max_length,
         completion_only_loss=True,
         packing=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # the new name of gradient_checkpointing
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -322,13 +326,28 @@ def run_train(ctx: StageContext) -> dict:
         dataloader_pin_memory=cuda,
         disable_tqdm=not sys.stderr.isatty(),  # a log file gets one line per logging step instead of a bar
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        """SFTTrainer with the model's own cross-entropy instead of TRL's fused, chunked LM-head loss.
+
+        TRL 1.16 computes the loss (plus entropy and top-1 accuracy for its logs) in vocabulary chunks to save
+        memory on GPUs; without Triton that loop runs in plain torch. Measured on 2 CPU threads, same losses to
+        4 decimals: SmolLM2-135M fp32 111 -> 141 tokens/s, the tiny test model 2x. The labels (prompt masked with
+        -100, EOS kept) are TRL's either way.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    trainer = PlainLossSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ",".join(cfg.lora.target_modules)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     console.print(
         f"train: {len(train)} samples, {'%d steps' % cfg.max_steps if cfg.max_steps else '%g epochs' % cfg.num_epochs}, "
         f"batch {cfg.batch_size}x{cfg.gradient_accumulation_steps}, max_length {cfg.max_length}, {precision}, "
-        f"LoRA r{cfg.lora.rank} on {cfg.lora.target_modules}: {trainable:,} of {total:,} parameters trainable"
+        f"LoRA r{cfg.lora.rank} on {targets}: {trainable:,} of {total:,} parameters trainable"
     )
 
     started = time.perf_counter()
