@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,14 +72,16 @@ def test_noop_rerun_runs_nothing_quickly(falstaff_smoke):
     assert seconds < 5.0, f"no-op rerun took {seconds:.2f}s"
 
 
-def test_changing_a_train_key_reruns_train_export_eval_only(falstaff_smoke):
-    done = recipe_cli("plan", str(FALSTAFF), "--smoke", "--run-dir", str(falstaff_smoke), "--set", "train.learning_rate=0.001")
+def test_changing_a_train_key_reruns_train_export_eval_only(falstaff_smoke, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(falstaff_smoke, run_dir)  # leave the shared run as the other tests expect it
+    done = recipe_cli("plan", str(FALSTAFF), "--smoke", "--run-dir", str(run_dir), "--set", "train.learning_rate=0.001")
     lines = [line.split() for line in done.stdout.splitlines()[1:]]
     assert [(words[0], words[1]) for words in lines] == [
         ("cached", "source"), ("cached", "clean"), ("cached", "dataset"), ("run", "train"), ("waits", "export"), ("waits", "eval")
     ], done.stdout
     assert "train.learning_rate: 0.0002 → 0.001" in done.stdout
-    done = recipe_cli("run", str(FALSTAFF), "--smoke", "--run-dir", str(falstaff_smoke), "--set", "train.learning_rate=0.001")
+    done = recipe_cli("run", str(FALSTAFF), "--smoke", "--run-dir", str(run_dir), "--set", "train.learning_rate=0.001")
     assert done.returncode == 0, done.stderr
     assert "3 stages ran, 3 cached" in done.stdout
 
@@ -107,7 +110,7 @@ def test_cartman_runs_end_to_end_on_shared_data(tmp_path):
 
 def test_sigkill_mid_training_keeps_finished_stages_and_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["run", str(FALSTAFF), "--smoke", "--run-dir", str(run_dir), "--set", "train.max_steps=300", "--set", "train.save_steps=5"]
+    args = ["run", str(FALSTAFF), "--smoke", "--run-dir", str(run_dir), "--set", "train.max_steps=30", "--set", "train.save_steps=2"]
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     try:
@@ -130,7 +133,7 @@ def test_sigkill_mid_training_keeps_finished_stages_and_rerun_resumes(tmp_path):
     assert "resuming from checkpoint-" in done.stdout
     assert "3 stages ran, 3 cached" in done.stdout
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
-    assert metrics["steps"] == 300
+    assert metrics["steps"] == 30
 
 
 @pytest.mark.slow

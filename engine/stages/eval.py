@@ -154,41 +154,14 @@ def context_text(value: Any) -> str:
 
 # ---------------------------------------------------------------- the lm-eval task folder
 
-TASK_YAML = """\
-# lm-eval task written by the recipe's eval stage: which line does {character} say next?
-# prompt = the chat-template text ending where the reply starts; choices = the real line + {k} lines of
-# other characters in the same scene; acc compares summed log-likelihoods, acc_norm per byte.
-# `data_files` is relative: lm-eval (datasets) resolves it against the working directory, so run
-# lm_eval from this folder:
-#   cd <this folder> && lm_eval --include_path . --tasks {task} --model hf \\
-#       --model_args pretrained=<model folder> --device cpu --batch_size 8
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: prompt
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+# The task YAML skeleton lives in evaluation/ (str.format placeholders), next to its README.
+TASK_TEMPLATE = Path(__file__).resolve().parents[2] / "evaluation" / "next_line.yaml.in"
 
 
 def write_task_yaml(folder: Path, task: str, data_file: str, character: str, k: int) -> Path:
     path = folder / f"{task}.yaml"
     path.write_text(
-        TASK_YAML.format(task=task, data_file=json.dumps(data_file), character=character, k=k),
+        TASK_TEMPLATE.read_text(encoding="utf-8").format(task=task, data_file=json.dumps(data_file), character=character, k=k),
         encoding="utf-8",
     )
     return path
@@ -205,7 +178,10 @@ def score(model_dir: Path, task: str, include_dir: Path, batch_size: Union[int, 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=batch_size, trust_remote_code=trust_remote_code)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
     manager = TaskManager(include_path=str(include_dir), include_defaults=False)
     output = simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=False)
     del lm

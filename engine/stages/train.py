@@ -246,6 +246,7 @@ def peak_rss_mb() -> float:
     needs=("dataset",),
     libraries=("torch", "transformers", "trl", "peft", "accelerate"),
     external_inputs=lambda recipe: {"base_model": base_model_input(recipe.model)},
+    resumable=True,  # the runner hands an interrupted run's folder back: checkpoints survive a crash
 )
 def run_train(ctx: StageContext) -> dict:
     """LoRA fine-tuning (TRL SFTTrainer + PEFT) on the character's lines, resumable from checkpoints."""
