@@ -19,7 +19,6 @@ from engine import cache, runner
 from engine.cli import SMOKE_OVERRIDES
 from engine.recipe import load_recipe
 from engine.registry import STAGES, stage_kinds
-from tests.conftest import need_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSTAFF = ROOT / "recipes" / "shakespeare_falstaff.yaml"
@@ -95,17 +94,6 @@ def test_cache_hit_calls_no_stage_function(falstaff_smoke, monkeypatch):
     results = runner.run(recipe, falstaff_smoke, Console(quiet=True))
     assert [r.status for r in results] == ["cached"] * 6
     assert calls == []
-
-
-def test_cartman_runs_end_to_end_on_shared_data(tmp_path):
-    shared = need_shared_data()
-    run_dir = tmp_path / "run"
-    env = {"RECIPE_DATA_PATH": str(shared), "RECIPE_OFFLINE": "1"}
-    done = recipe_cli("run", str(CARTMAN), "--smoke", "--run-dir", str(run_dir), env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert all(records(run_dir).values())
-    lock = json.loads((run_dir / cache.LOCK).read_text())
-    assert lock["stages"]["source"]["inputs"]["data"]["sha256"].startswith("227e7692")
 
 
 def test_sigkill_mid_training_keeps_finished_stages_and_rerun_resumes(tmp_path):
