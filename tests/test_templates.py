@@ -58,7 +58,7 @@ def test_available_templates_lists_builtin_and_files():
 
 
 def test_unknown_template_suggests_the_closest_name():
-    with pytest.raises(ValueError, match=r"unknown template 'southpark_alpac' — did you mean 'southpark_alpaca'\? Available: tokenizer, southpark_alpaca"):
+    with pytest.raises(ValueError, match=r"unknown template 'southpark_alpac' — did you mean 'southpark_alpaca'\? Available: tokenizer, characterllm_meta, southpark_alpaca"):
         template_source("southpark_alpac")
 
 
