@@ -129,6 +129,22 @@ def test_distractors_fall_back_to_any_scene_and_sample_items():
         build_items(rows, turns(), CHARACTER, EvalConfig(distractors=50))
 
 
+def test_distractor_pool_character_other_scenes_and_random():
+    cfg = EvalConfig(distractors=2, distractor_pool="character_other_scenes")
+    items = build_items(heldout_rows(), turns(), CHARACTER, cfg)
+    own_lines = {scene: {t for s, t in lines if s == CHARACTER} for scene, lines in SCENES.items()}
+    for item in items:
+        distractors = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
+        # the character's own lines, from OTHER held-out scenes only (never a training scene's line)
+        allowed = set().union(*(own_lines[s] for s in HELDOUT_SCENES if s != item["scene"]))
+        assert all(d in allowed for d in distractors), (item["id"], distractors)
+    heldout_lines = {t.strip() for s in HELDOUT_SCENES for _, t in SCENES[s]}
+    for item in build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(distractors=3, distractor_pool="random")):
+        assert all(c.strip() in heldout_lines for c in item["choices"])
+    with pytest.raises(StageError, match="distractor_pool character_other_scenes"):
+        build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(distractors=9, distractor_pool="character_other_scenes"))
+
+
 def test_task_name_is_sanitized():
     assert task_name("Fal.staff-Test") == "fal_staff_test_next_line"
 

@@ -23,7 +23,7 @@ import re
 import tempfile
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,7 +36,13 @@ from engine.registry import StageContext, register_stage
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    distractors: int = Field(3, ge=1, description="Wrong choices per item: lines of other characters from the same scene.")
+    distractors: int = Field(3, ge=1, description="Wrong choices per item (chance = 1 / (distractors + 1)).")
+    distractor_pool: Literal["same_scene", "character_other_scenes", "random"] = Field(
+        "same_scene",
+        description="Where wrong choices come from: same_scene = other characters' lines in the same scene (tests style; "
+        "then other held-out scenes); character_other_scenes = the character's own lines from other held-out scenes "
+        "(tests content; Yothalia's benchmark); random = any line of the held-out scenes.",
+    )
     max_items: int = Field(100, ge=1, description="At most this many held-out items (a seeded sample) enter the task.")
     seed: int = Field(0, description="Seed of the item sample, the distractors and the position of the real line.")
     batch_size: Union[int, Literal["auto"]] = Field(8, description="lm-eval batch size (an int or 'auto'); does not change the scores.")
@@ -64,13 +70,13 @@ def read_turns(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def other_lines_by_scene(turns: list[dict], character: str) -> dict[str, list[str]]:
-    """Lines of everyone but the character, by scene, in file order, without empty or repeated lines."""
+def lines_by_scene(turns: list[dict], keep: Callable[[dict], bool]) -> dict[str, list[str]]:
+    """Lines of the turns `keep` accepts, by scene, in file order, without empty or repeated lines."""
     by_scene: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
     for turn in turns:
         text = str(turn.get("text") or "").strip()
-        if not text or turn.get("speaker") == character:
+        if not text or not keep(turn):
             continue
         scene = str(turn["scene"])
         key = normalise(text)
@@ -81,15 +87,29 @@ def other_lines_by_scene(turns: list[dict], character: str) -> dict[str, list[st
     return by_scene
 
 
+def other_lines_by_scene(turns: list[dict], character: str) -> dict[str, list[str]]:
+    """Lines of everyone but the character, by scene."""
+    return lines_by_scene(turns, lambda turn: turn.get("speaker") != character)
+
+
+def distractor_pools(policy: str, scene: str, heldout_scenes: list[str], all_scenes: list[str]) -> list[list[str]]:
+    """The scenes to draw from, in order of preference, for one item's scene."""
+    other_heldout = [s for s in heldout_scenes if s != scene]
+    if policy == "same_scene":
+        return [[scene], other_heldout, [s for s in all_scenes if s != scene and s not in heldout_scenes]]
+    if policy == "character_other_scenes":
+        return [other_heldout]  # held-out scenes only: no trained-on line of the character is ever a choice
+    return [heldout_scenes]  # random: any line of the held-out scenes, one pool
+
+
 def pick_distractors(
-    gold: str, scene: str, lines: dict[str, list[str]], heldout_scenes: list[str], k: int, rng: random.Random
+    gold: str, scene: str, lines: dict[str, list[str]], heldout_scenes: list[str], k: int, rng: random.Random,
+    policy: str = "same_scene",
 ) -> list[str]:
-    """K distinct lines unlike the gold one: the same scene first, then other held-out scenes, then any scene."""
+    """K distinct lines unlike the gold one, drawn from the policy's pools in order (see distractor_pools)."""
     taken = {normalise(gold)}
     chosen: list[str] = []
-    other_heldout = [s for s in heldout_scenes if s != scene]
-    rest = [s for s in lines if s != scene and s not in heldout_scenes]
-    for pool_scenes in ([scene], other_heldout, rest):
+    for pool_scenes in distractor_pools(policy, scene, heldout_scenes, list(lines)):
         unique: dict[str, str] = {}  # normalised -> first spelling, in file order (deterministic)
         for text in (text for s in pool_scenes for text in lines.get(s, [])):
             if normalise(text) not in taken:
@@ -107,7 +127,12 @@ def build_items(heldout: Any, turns: list[dict], character: str, cfg: EvalConfig
     """The task's documents: a seeded sample of held-out rows, each with shuffled choices and the gold label."""
     rows = [row for row in heldout if str(row["completion"]).strip()]
     picked = sorted(random.Random(cfg.seed).sample(range(len(rows)), min(cfg.max_items, len(rows))))
-    lines = other_lines_by_scene(turns, character)
+    if cfg.distractor_pool == "same_scene":
+        lines = other_lines_by_scene(turns, character)
+    elif cfg.distractor_pool == "character_other_scenes":
+        lines = lines_by_scene(turns, lambda turn: turn.get("speaker") == character)
+    else:
+        lines = lines_by_scene(turns, lambda turn: True)
     heldout_scenes = sorted({str(row["scene"]) for row in rows})
     items = []
     for index in picked:
@@ -115,12 +140,13 @@ def build_items(heldout: Any, turns: list[dict], character: str, cfg: EvalConfig
         gold = str(row["completion"])
         # one generator per item: an item's choices do not depend on which other items were sampled
         rng = random.Random(f"{cfg.seed}|{row['scene']}|{row['turn_index']}")
-        distractors = pick_distractors(gold.strip(), str(row["scene"]), lines, heldout_scenes, cfg.distractors, rng)
+        distractors = pick_distractors(gold.strip(), str(row["scene"]), lines, heldout_scenes, cfg.distractors, rng, cfg.distractor_pool)
         if len(distractors) < cfg.distractors:
             raise StageError(
                 "eval",
-                f"only {len(distractors)} distinct lines of other speakers exist for {cfg.distractors} distractors; "
-                f"fix: set eval.distractors to {max(1, len(distractors))} or less, or use more data",
+                f"only {len(distractors)} distinct lines exist for {cfg.distractors} distractors with distractor_pool "
+                f"{cfg.distractor_pool}; fix: set eval.distractors to {max(1, len(distractors))} or less, choose another "
+                "eval.distractor_pool, or hold out more scenes",
             )
         label = rng.randrange(cfg.distractors + 1)
         choices = list(distractors)
