@@ -49,6 +49,9 @@ class EvalConfig(BaseModel):
     sample_replies: int = Field(3, ge=0, description="How many held-out prompts get a generated reply in samples.md.")
     max_new_tokens: int = Field(48, ge=1, description="Longest generated reply in samples.md, in tokens.")
     do_sample: bool = Field(False, description="Sample the replies in samples.md instead of greedy decoding.")
+    repetition_penalty: float = Field(
+        1.3, ge=1.0, description="Penalty on repeated tokens in samples.md replies (1.0 = none; the South Park bot used 1.3)."
+    )
 
 
 # ---------------------------------------------------------------- the items
@@ -291,6 +294,7 @@ def generate_replies(model_dir: Path, prompts: list[str], cfg: EvalConfig, trust
                 **encoded,
                 max_new_tokens=cfg.max_new_tokens,
                 do_sample=cfg.do_sample,
+                repetition_penalty=cfg.repetition_penalty,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             )
