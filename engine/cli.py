@@ -159,6 +159,18 @@ def list_things(recipes_dir: str) -> None:
 
 
 @cli.command()
+@click.argument("name")
+@click.option("--source", "source_kind", required=True, help="Source kind of the character's data (see `recipe list`).")
+@click.option("--recipes-dir", default="recipes", show_default=True, type=click.Path(file_okay=False))
+def new(name: str, source_kind: str, recipes_dir: str) -> None:
+    """Write recipes/NAME.yaml: a commented recipe for a new character that validates as written."""
+    from engine.scaffold import write_new_recipe
+
+    path = write_new_recipe(name, source_kind, Path(recipes_dir))
+    click.echo(f"wrote {path}: fill in the data and the character, then `recipe validate {path}` and `recipe run {path} --smoke`")
+
+
+@cli.command()
 def schema() -> None:
     """Print the JSON Schema of a recipe (for editors: yaml-language-server)."""
     from engine.recipe import build_recipe_model

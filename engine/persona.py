@@ -17,6 +17,11 @@ class CharacterConfig(BaseModel):
         description="The persona system prompt; {display_name} is replaced. Always passed, so the base template's default system message never appears.",
     )
     first_message: Optional[str] = Field(None, description="What the character says first in a chat (serving, chat page).")
+    card: Optional[str] = Field(
+        None,
+        description="A character card (SillyTavern chara_card_v2 JSON or PNG, text-generation-webui YAML), relative to the recipe: "
+        "fills system_prompt, first_message and display_name where the recipe leaves them unset.",
+    )
 
     @property
     def shown_name(self) -> str:

@@ -342,6 +342,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         _apply_override(data, assignment, loaded)
     data.setdefault("name", path.stem)
+    _apply_character_card(data, path, loaded)
     model = build_recipe_model()
     problems = list(loaded.problems)
     try:
@@ -355,6 +356,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(problems)
     recipe._file = path.resolve()
     return recipe
+
+
+def _apply_character_card(data: dict, recipe_path: Path, loaded: _Loaded) -> None:
+    """Fill the persona from `character.card` where the recipe leaves it unset (the recipe always wins)."""
+    from engine.cards import apply_card, load_card
+    from engine.errors import RecipeUserError
+
+    character = data.get("character")
+    if not isinstance(character, dict) or not isinstance(character.get("card"), str):
+        return
+    card_path = Path(character["card"]).expanduser()
+    if not card_path.is_absolute():
+        card_path = recipe_path.parent / card_path
+    try:
+        data["character"] = apply_card(character, load_card(card_path))
+    except RecipeUserError as exc:
+        where = loaded.value_pos.get(("character", "card")) or Where(_shown(recipe_path), None, None)
+        loaded.problems.append(Problem(where.file, where.line, where.column, "character.card", str(exc).replace("\n", " ")))
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

@@ -76,3 +76,31 @@ def test_readme_reference_is_current():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split(START, 1)[1].split(END, 1)[0]
     assert section == "\n" + render_reference(), "the recipe reference in README.md is stale: run `make reference`"
+
+
+def test_new_writes_a_recipe_that_validates_and_never_overwrites(tmp_path):
+    done = recipe("new", "kyle", "--source", "southpark_csv", "--recipes-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "kyle.yaml").is_file()
+    assert recipe("validate", str(tmp_path / "kyle.yaml")).returncode == 0
+    again = recipe("new", "kyle", "--source", "southpark_csv", "--recipes-dir", str(tmp_path))
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    typo = recipe("new", "stan", "--source", "southpark_cvs", "--recipes-dir", str(tmp_path))
+    assert typo.returncode == 2 and "did you mean 'southpark_csv'" in typo.stderr
+
+
+def test_character_card_fills_the_persona(tmp_path):
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "Sir John", "description": "A fat old knight.", "personality": "witty", "scenario": "",
+        "first_mes": "Hal, what time of day is it?", "mes_example": ""}}), encoding="utf-8")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"include: {ROOT / FALSTAFF}\ncharacter:\n  name: FALSTAFF\n  card: card.json\n  system_prompt: null\n  display_name: null\n", encoding="utf-8")
+    from engine.recipe import load_recipe
+
+    recipe_model = load_recipe(path)
+    assert recipe_model.character.display_name == "Sir John"
+    assert "A fat old knight." in recipe_model.character.system_prompt
+    path.write_text(f"include: {ROOT / FALSTAFF}\ncharacter:\n  name: FALSTAFF\n  card: missing.json\n", encoding="utf-8")
+    done = recipe("validate", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and "r.yaml:4:9: character.card: character card" in done.stderr, done.stderr
