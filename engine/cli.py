@@ -111,10 +111,11 @@ def plan(recipe_path: str, overrides, run_dir, smoke, force, until) -> None:
     recipe = _load(recipe_path, overrides, smoke)
     folder = _run_dir(recipe, run_dir, smoke)
     console = _console()
-    console.print(f"[bold]{recipe.name}[/bold] — {folder}")
+    console.print(f"[bold]{recipe.name}[/bold] — {folder}", soft_wrap=True)
     for item in make_plan(recipe, folder, force=tuple(force), until=until):
         colour = {"cached": "green", "run": "yellow", "waits": "cyan"}[item.status]
-        console.print(f"  [{colour}]{item.status:<6}[/{colour}] {item.name:<8} {'; '.join(item.reasons)}")
+        # one line per stage, never wrapped: scripts (and the tests) read it
+        console.print(f"  [{colour}]{item.status:<6}[/{colour}] {item.name:<8} {'; '.join(item.reasons)}", soft_wrap=True)
 
 
 @cli.command()
