@@ -57,7 +57,27 @@ def _load(recipe_path: str, overrides: tuple[str, ...], smoke: bool = False):
 
     all_overrides = (SMOKE_OVERRIDES if smoke else ()) + tuple(overrides)
     recipe = load_recipe(recipe_path, all_overrides)
+    if smoke:
+        from engine.models import base_is_local
+
+        if not base_is_local(recipe.model):
+            # a smoke run checks the recipe's pipeline, not its model: a 7B base that only a GPU machine has
+            # downloaded is replaced by the embedded model's architecture (tiny and random either way)
+            click.echo(f"smoke: base '{recipe.model.base}' is not on this machine; the tiny random model is built from the embedded model's config instead", err=True)
+            recipe = load_recipe(recipe_path, all_overrides + ("model.base=embedded",))
     return recipe
+
+
+def _launch_overrides(launcher: str | None, num_processes: int | None, command: str | None) -> tuple[str, ...]:
+    """The run command's launch flags as --set overrides, so they are validated like recipe keys."""
+    found = []
+    if launcher:
+        found.append(f"launch.launcher={json.dumps(launcher)}")  # a JSON string is a YAML double-quoted scalar
+    if num_processes is not None:
+        found.append(f"launch.num_processes={num_processes}")
+    if command:
+        found.append(f"launch.command={json.dumps(command)}")
+    return tuple(found)
 
 
 def _run_dir(recipe, run_dir: str | None, smoke: bool = False) -> Path:
@@ -68,7 +88,7 @@ def _run_dir(recipe, run_dir: str | None, smoke: bool = False) -> Path:
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe key (YAML value), e.g. --set train.max_steps=10. Repeatable.")
 run_dir_option = click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder (default: runs/<recipe name>).")
-smoke_option = click.option("--smoke", is_flag=True, help="Tiny random model, a few samples and steps: checks that a recipe runs end to end in about a minute.")
+smoke_option = click.option("--smoke", is_flag=True, help="Tiny random model (from the base's config, or the embedded model's when the base is not on this machine), a few samples and steps: checks that a recipe runs end to end in about a minute.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,13 +145,16 @@ def plan(recipe_path: str, overrides, run_dir, smoke, force, until) -> None:
 @smoke_option
 @click.option("--force", multiple=True, type=click.Choice(STAGE_NAMES), help="Rerun this stage even if cached. Repeatable.")
 @click.option("--until", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
-def run(recipe_path: str, overrides, run_dir, smoke, force, until) -> None:
+@click.option("--launcher", help="How training processes start: accelerate, torchrun, deepspeed_zero2, deepspeed_zero3_offload or a file in launchers/ (= --set launch.launcher=...).")
+@click.option("--num-processes", type=int, help="Training processes per node (= --set launch.num_processes=...).")
+@click.option("--launch-command", help="A whole process starter, e.g. 'srun torchrun --nnodes 2 ...' (the SLURM script passes it).")
+def run(recipe_path: str, overrides, run_dir, smoke, force, until, launcher, num_processes, launch_command) -> None:
     """Run the recipe's stages; finished stages are reused from the cache."""
     from engine.runner import run as run_stages
     from engine.summary import print_summary
 
     started = time.perf_counter()
-    recipe = _load(recipe_path, overrides, smoke)
+    recipe = _load(recipe_path, overrides + _launch_overrides(launcher, num_processes, launch_command), smoke)
     folder = _run_dir(recipe, run_dir, smoke)
     console = _console()
     results = run_stages(recipe, folder, console, force=tuple(force), until=until)
@@ -185,6 +208,11 @@ def reference() -> None:
     from engine.reference import render_reference
 
     click.echo(render_reference(), nl=False)
+
+
+from engine.slurm import launch as _launch_command  # noqa: E402  (light: click and engine.errors only)
+
+cli.add_command(_launch_command)
 
 
 def main(argv: list[str] | None = None) -> int:

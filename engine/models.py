@@ -142,6 +142,18 @@ def _random_model(base_dir: Path, cfg: ModelConfig) -> Path:
     return _atomic_folder(target, build)
 
 
+def base_is_local(cfg: ModelConfig) -> bool:
+    """True when the base model loads without network: embedded, a folder, or a hub id in the local cache."""
+    if cfg.base == EMBEDDED or Path(cfg.base).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(cfg.base, "config.json"), str)
+    except Exception:
+        return False
+
+
 def resolve_base_model(cfg: ModelConfig, console: Any = None) -> Path:
     """A local folder that `from_pretrained` loads offline: the converted embedded model, a local folder,
     a cached hub snapshot, or a random model built from one of those."""

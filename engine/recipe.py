@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from engine.errors import Problem, RecipeError
+from engine.launch import LaunchConfig
 from engine.models import ModelConfig
 from engine.persona import CharacterConfig
 from engine.registry import SOURCES, load_all, stage_kinds
@@ -62,6 +63,7 @@ def build_recipe_model() -> type[RecipeBase]:
         "character": (CharacterConfig, Field(..., description="Who the model becomes.")),
         "model": (ModelConfig, Field(default_factory=ModelConfig, description="The base model.")),
         "source": (source_type, Field(..., description="Where the dialogue comes from; `kind` picks the source format.")),
+        "launch": (LaunchConfig, Field(default_factory=LaunchConfig, description="How the train stage starts its processes (launchers/); not part of any cache key.")),
     }
     for stage in stage_kinds():
         if stage.name != "source":

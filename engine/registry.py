@@ -33,6 +33,7 @@ class StageContext:
     upstream: dict[str, Path]  # finished stage folders, by stage name
     inputs: dict[str, InputFile]  # resolved external files, by name
     console: Any  # rich Console for progress and messages
+    key: str = ""  # this stage's cache key (the train stage records it in its checkpoints)
 
 
 @dataclass

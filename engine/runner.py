@@ -186,6 +186,7 @@ def run(
                 upstream={name: run_dir / name for name in stage.needs},
                 inputs=inputs,
                 console=console,
+                key=key,
             )
             started = time.perf_counter()
             summary = stage.run(context)

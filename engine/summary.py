@@ -26,12 +26,18 @@ def describe(name: str, summary: dict) -> str:
             f"tokens p50 {summary.get('tokens_p50', '?')}, p95 {summary.get('tokens_p95', '?')}; template {summary.get('template', '?')}"
         )
     if name == "train":
+        held_out = summary.get("final_eval_loss")
+        processes = summary.get("processes") or 1
         return (
-            f"{summary.get('steps', '?')} steps, loss {_fmt(summary.get('first_loss', '?'))} → {_fmt(summary.get('final_loss', '?'))}, "
-            f"{_fmt(summary.get('tokens_per_s', '?'))} tok/s, {summary.get('precision', '?')}"
+            f"{summary.get('method', 'lora')}, {summary.get('steps', '?')} steps, loss {_fmt(summary.get('first_loss', '?'))} → {_fmt(summary.get('final_loss', '?'))}"
+            + (f" (held-out {_fmt(held_out)})" if held_out is not None else "")
+            + f", {_fmt(summary.get('tokens_per_s', '?'))} tok/s, {summary.get('precision', '?')}"
+            + (f", {processes} processes" if processes > 1 else "")
         )
     if name == "export":
-        return f"merged model, {summary.get('dtype', '?')}, {_fmt(summary.get('size_mb', '?'))} MB"
+        extras = " + adapter" if summary.get("adapter") else ""
+        extras += ", Ollama Modelfile" if summary.get("ollama_template") is not None else ""
+        return f"merged model{extras}, {summary.get('dtype', '?')}, {_fmt(summary.get('size_mb', '?'))} MB"
     if name == "eval":
         base, tuned = summary.get("base", {}), summary.get("tuned", {})
         return f"next-line acc {_fmt(base.get('acc', '?'))} → {_fmt(tuned.get('acc', '?'))} (chance {_fmt(summary.get('chance', '?'))}, n={summary.get('items', '?')})"

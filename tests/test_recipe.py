@@ -65,7 +65,7 @@ def test_every_problem_is_reported_at_once(tmp_path, monkeypatch):
         """)
     assert problems(path) == [
         "x.yaml:3:18: train.learning_rate: Input should be a valid number, unable to parse string as a number (got 'fast')",
-        "x.yaml:4:11: train.method: 'lorra' is not one of lora — did you mean 'lora'?",
+        "x.yaml:4:11: train.method: 'lorra' is not one of lora, qlora, full — did you mean 'lora'?",
         "x.yaml:6:3: dataset.context_turn: unknown key — did you mean 'context_turns'?",
     ]
 

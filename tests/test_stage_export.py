@@ -1,5 +1,6 @@
 """The export stage on a tiny random model: the merged folder reloads with plain transformers and reproduces
-base + adapter, its chat template carries the persona, generation stops at the learned EOS, bf16 export.
+base + adapter, its chat template carries the persona and renders training text exactly, generation stops at
+the learned EOS; the adapter alone loads with PEFT; model cards and the Ollama Modelfile; bf16; method full.
 
     python -m pytest -q tests/test_stage_export.py
 """
@@ -11,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,14 +38,19 @@ LINES = [
 ]
 
 
-def make_recipe(export: ExportConfig, train: TrainConfig | None = None) -> SimpleNamespace:
+DATASET_SUMMARY = {"train": 16, "heldout": 2, "train_scenes": 4, "heldout_scenes": 2, "tokens_mean": 40.5, "max_length": 128}
+
+
+def make_recipe(export: ExportConfig, train: Any = None) -> SimpleNamespace:
     return SimpleNamespace(
         name="tiny-falstaff",
+        description="Falstaff's lines, for the tests.",
         model=TINY_MODEL,
         train=train or TrainConfig(),
         character=CHARACTER,
         dataset=SimpleNamespace(template="tokenizer"),
         export=export,
+        eval=SimpleNamespace(repetition_penalty=1.3),
     )
 
 
@@ -76,6 +83,7 @@ def train_dir(tmp_path_factory, tokenizer) -> Path:
         rows["turn_index"].append(1)
     data = Dataset.from_dict(rows)
     DatasetDict({"train": data, "heldout": data.select(range(2))}).save_to_disk(str(root / "dataset" / "data"))
+    (root / "dataset" / ".stage.json").write_text(json.dumps({"key": "test", "summary": DATASET_SUMMARY}))
 
     config = TrainConfig(max_steps=4, save_steps=2, batch_size=4, learning_rate=1e-2, max_length=128)
     out = root / "train"
@@ -88,12 +96,22 @@ def train_dir(tmp_path_factory, tokenizer) -> Path:
     return out
 
 
-def export_ctx(tmp_path: Path, train_dir: Path, config: ExportConfig) -> StageContext:
+def export_ctx(tmp_path: Path, train_dir: Path, config: ExportConfig, train: Any = None) -> StageContext:
     out = tmp_path / "export"
     out.mkdir()
+    upstream = {"dataset": train_dir.parent / "dataset", "train": train_dir}
     return StageContext(
-        recipe=make_recipe(config), config=config, out=out, run_dir=tmp_path, upstream={"train": train_dir}, inputs={}, console=console()
+        recipe=make_recipe(config, train), config=config, out=out, run_dir=tmp_path, upstream=upstream, inputs={}, console=console()
     )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, train_dir) -> SimpleNamespace:
+    """One export with the default settings and a data licence, shared by the tests that read its folder."""
+    root = tmp_path_factory.mktemp("exported")
+    ctx = export_ctx(root, train_dir, ExportConfig(data_license="CC BY-SA 3.0 (test data)"))
+    summary = run_export(ctx)
+    return SimpleNamespace(summary=summary, model=ctx.out / "model", adapter=ctx.out / "adapter", log=ctx.console.export_text())
 
 
 def logits(model, inputs):
@@ -110,20 +128,22 @@ def test_config():
     with pytest.raises(ValidationError):
         ExportConfig(dtyp="bf16")
     assert all(field.description for field in ExportConfig.model_fields.values())
+    assert ExportConfig().data_license is None and ExportConfig(data_license="MIT").data_license == "MIT"
     stage = STAGES["export"]
-    assert stage.needs == ("train",) and stage.reads == ("export", "model", "character", "dataset")
+    assert stage.needs == ("dataset", "train") and stage.version == "2"
+    assert {"export", "model", "character", "dataset", "eval", "name", "description"} <= set(stage.reads)
 
 
-def test_export_merges_and_reloads(tmp_path, train_dir, tokenizer):
+def test_export_merges_and_reloads(exported, train_dir, tokenizer):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.templates import render_prompt
 
-    summary = run_export(export_ctx(tmp_path, train_dir, ExportConfig()))
-    model_dir = tmp_path / "export" / "model"
-    assert summary["dtype"] == "fp32"  # auto: the base's dtype
+    summary = exported.summary
+    model_dir = exported.model
+    assert summary["dtype"] == "fp32" and summary["method"] == "lora"  # auto: the base's dtype
     assert summary["logits_max_diff"] < 1e-3 and summary["merge_logits_max_diff"] < 1e-3
     assert summary["size_mb"] > 1
     assert (model_dir / "model.safetensors").is_file() and not (model_dir / "adapter_config.json").exists()
@@ -178,3 +198,142 @@ def test_export_without_adapter_is_an_error(tmp_path):
     empty.mkdir()
     with pytest.raises(StageError, match="no LoRA adapter"):
         run_export(export_ctx(tmp_path, empty, ExportConfig()))
+
+
+def test_adapter_alone_loads_with_peft(exported):
+    """adapter/ is what PEFT and text-generation-webui load: on a fresh base it gives the merged model's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert exported.summary["adapter"] is True
+    assert (exported.adapter / "adapter_config.json").is_file() and (exported.adapter / "adapter_model.safetensors").is_file()
+    adapter_tokenizer = AutoTokenizer.from_pretrained(exported.adapter)
+    assert adapter_tokenizer.chat_template == AutoTokenizer.from_pretrained(exported.model).chat_template  # the persona template
+    inputs = adapter_tokenizer(
+        adapter_tokenizer.apply_chat_template([{"role": "user", "content": "HAL: Jack!"}], add_generation_prompt=True, tokenize=False),
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    base = load_base_model(resolve_base_model(TINY_MODEL), torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(exported.adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(exported.model).eval()
+    assert (logits(tuned, inputs) - logits(merged, inputs)).abs().max().item() < 1e-3
+
+
+def front_matter(path: Path) -> dict:
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_model_cards(exported):
+    """model/README.md and adapter/README.md: Hub front matter, persona, data counts, training numbers, licence."""
+    card = (exported.model / "README.md").read_text(encoding="utf-8")
+    meta = front_matter(exported.model / "README.md")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation" and meta["license"] == "apache-2.0"
+    assert "base_model" not in meta  # random weights: no claim to be a fine-tune of the Hub model
+    assert CHARACTER.system in card and "Sir John Falstaff" in card and "Falstaff's lines, for the tests." in card
+    assert "| training samples (one character line each, with its context) | 16 |" in card  # the dataset stage's summary
+    assert "| optimizer steps | 4 |" in card and "| method | lora |" in card
+    assert "Training data: CC BY-SA 3.0 (test data)" in card
+    assert "File: `None`" not in card and "recipe run <recipe.yaml>" in card
+    assert "ollama create tiny-falstaff -f Modelfile" in card and card.rstrip().endswith("`runs/<name>/eval/MODEL_CARD.md`.")
+    adapter_meta = front_matter(exported.adapter / "README.md")
+    assert adapter_meta["library_name"] == "peft" and "lora" in adapter_meta["tags"]
+    assert "PeftModel.from_pretrained" in (exported.adapter / "README.md").read_text(encoding="utf-8")
+
+
+def test_modelfile(exported):
+    """model/Modelfile: FROM the folder, a TEMPLATE (its exact rendering is tests/test_ollama.py's job), the persona
+    as SYSTEM, a stop at the learned EOS, the eval's repetition penalty."""
+    text = (exported.model / "Modelfile").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert "FROM ." in lines and 'PARAMETER stop "<|im_end|>"' in lines and "PARAMETER repeat_penalty 1.3" in lines
+    assert 'TEMPLATE """{{- range $i, $_ := .Messages }}' in text and f'SYSTEM "{CHARACTER.system}"' in lines
+    assert "PARAMETER temperature 0.7" in lines and "PARAMETER num_ctx 4096" in lines
+    assert exported.summary["ollama_template"] is True and exported.summary["ollama_stops"] == ["<|im_end|>"]
+    assert "warning" not in exported.log
+
+
+def training_and_exported_text(tokenizer, exported_tokenizer, template: str) -> tuple[str, str]:
+    """One scene through both paths: TRL's training text (prompt + line + EOS) and the exported chat template's
+    rendering of the same finished conversation."""
+    from engine.templates import context_to_messages, render_prompt
+
+    context = [
+        {"speaker": "HAL", "text": "Now, Hal, what time of day is it, lad?"},
+        {"speaker": "FALSTAFF", "text": "Indeed, you come near me now, Hal."},
+        {"speaker": "POINS", "text": "Good morrow, sweet Hal."},
+        {"speaker": "HAL", "text": "What says Monsieur Remorse?"},
+    ]
+    messages = context_to_messages(context, CHARACTER.name)
+    line = "Marry, then, sweet wag, when thou art king."
+    training = render_prompt(template, tokenizer, messages, CHARACTER) + line + tokenizer.eos_token
+    rendered = exported_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": line}], tokenize=False)
+    return training, rendered
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "characterllm_meta", "southpark_alpaca"])
+def test_training_text_is_the_exported_rendering(exported, tokenizer, tmp_path, template):
+    """What TRL trained on (render_prompt + line + EOS) is what the exported tokenizer renders for the same chat.
+
+    Required precisely: the exported rendering starts with the training text, and what follows it is only
+    whitespace the template writes after the EOS (ChatML's "\\n" after <|im_end|>; nothing for the file
+    templates), i.e. nothing the model should have learned to generate.
+    The tokenizer template is checked on the exported folder itself; the file templates on a tokenizer saved
+    and reloaded with the chat template the export stage writes.
+    """
+    from transformers import AutoTokenizer
+
+    from engine.templates import available_templates, export_chat_template
+
+    assert template in available_templates()
+    if template == "tokenizer":
+        exported_tokenizer = AutoTokenizer.from_pretrained(exported.model)
+    else:
+        saved = AutoTokenizer.from_pretrained(resolve_base_model(TINY_MODEL))
+        saved.chat_template = export_chat_template(template, saved, CHARACTER)
+        saved.save_pretrained(str(tmp_path / "tok"))
+        exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    training, rendered = training_and_exported_text(tokenizer, exported_tokenizer, template)
+    assert rendered.startswith(training), f"training text and exported rendering differ:\n{training!r}\n{rendered!r}"
+    tail = rendered[len(training) :]
+    assert tail == ("\n" if template == "tokenizer" else "")
+
+
+def test_export_full_fine_tune(tmp_path, tokenizer):
+    """train.method full: the train stage's model/ is exported as it is (no merge, no adapter/), same checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train = tmp_path / "run" / "train"
+    (tmp_path / "run" / "dataset").mkdir(parents=True)
+    model = load_base_model(resolve_base_model(TINY_MODEL), torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # "trained": differs from the base
+    model.save_pretrained(str(train / "model"))
+    tokenizer.save_pretrained(str(train / "model"))
+    (train / "metrics.json").write_text(json.dumps({"steps": 3, "first_loss": 2.0, "final_loss": 1.0, "method": "full"}))
+
+    ctx = export_ctx(tmp_path, train, ExportConfig(), train=SimpleNamespace(method="full"))
+    summary = run_export(ctx)
+    out = tmp_path / "export"
+    assert summary["method"] == "full" and summary["adapter"] is False and summary["merge_logits_max_diff"] is None
+    assert not (out / "adapter").exists() and summary["logits_max_diff"] < 1e-3
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    inputs = tokenizer("Good morrow", return_tensors="pt")
+    assert (logits(exported, inputs) - logits(model, inputs)).abs().max().item() < 1e-3
+    meta = front_matter(out / "model" / "README.md")
+    assert "full-fine-tune" in meta["tags"]
+    card = (out / "model" / "README.md").read_text(encoding="utf-8")
+    assert "| method | full |" in card and "../adapter" not in card and (out / "model" / "Modelfile").is_file()
+
+
+def test_full_fine_tune_without_model_is_an_error(tmp_path):
+    empty = tmp_path / "train"
+    empty.mkdir()
+    with pytest.raises(StageError, match=r"no fine-tuned model in .*/train/model \(train.method full\)"):
+        run_export(export_ctx(tmp_path, empty, ExportConfig(), train=SimpleNamespace(method="full")))

@@ -36,6 +36,7 @@ TINY_MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES)
 # logit near zero, so no adapter can move the loss far from ln(vocab); 0.2 lets 16 steps show real learning.
 LEARNABLE_MODEL = ModelConfig(random_init=True, config_overrides={**TINY_OVERRIDES, "initializer_range": 0.2})
 CHARACTER = CharacterConfig(name="FALSTAFF")
+TRAIN_KEY = "k" * 64  # the cache key the runner would hand over; recorded in every checkpoint
 EXCHANGES = [
     ("HAL", "Now, Hal, what time of day is it, lad?", "Indeed, you come near me now, Hal."),
     ("POINS", "Good morrow, sweet Hal.", "Marry, then, sweet wag, when thou art king."),
@@ -83,7 +84,8 @@ def make_ctx(out: Path, dataset_dir: Path, config: TrainConfig, console, model: 
     )
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(
-        recipe=recipe, config=config, out=out, run_dir=out.parent, upstream={"dataset": dataset_dir}, inputs={}, console=console
+        recipe=recipe, config=config, out=out, run_dir=out.parent, upstream={"dataset": dataset_dir}, inputs={}, console=console,
+        key=TRAIN_KEY,
     )
 
 
@@ -121,6 +123,11 @@ def test_config_defaults_and_errors():
         TrainConfig(max_steps=0)
     for field in TrainConfig.model_fields.values():
         assert field.description
+    assert TrainConfig().peak_learning_rate() == 2e-4 and TrainConfig(method="full").peak_learning_rate() == 2e-5
+    assert TrainConfig(method="qlora", learning_rate=1e-4).peak_learning_rate() == 1e-4
+    with pytest.raises(ValidationError, match="method"):
+        TrainConfig(method="dora")
+    assert TrainConfig(lora={"layers_to_transform": [0, 1], "modules_to_save": ["lm_head"]}).lora.layers_to_transform == [0, 1]
     stage = STAGES["train"]
     assert stage.needs == ("dataset",) and stage.reads == ("train", "model")
 
@@ -234,7 +241,7 @@ def test_find_resume_checkpoint_skips_broken_ones(tmp_path):
     console = recording_console()
     assert find_resume_checkpoint(tmp_path, console) == tmp_path / "checkpoint-9"
     text = console.export_text()
-    assert "skipping checkpoint-12: no trainer_state.json" in text and "skipping checkpoint-10: no adapter weights" in text
+    assert "skipping checkpoint-12: no trainer_state.json" in text and "skipping checkpoint-10: no weights" in text
     assert find_resume_checkpoint(tmp_path / "missing", console) is None
 
 
@@ -278,3 +285,98 @@ def test_resume_after_sigkill(tmp_path, dataset_dir):
     resumed_losses = [e["loss"] for e in history if "loss" in e]
     assert resumed_losses == pytest.approx([e["loss"] for e in reference_history if "loss" in e], abs=1e-4)
     assert summary["final_loss"] == pytest.approx(reference["final_loss"], abs=1e-4)
+
+
+def test_resume_never_uses_a_checkpoint_of_another_train_key(tmp_path):
+    from engine.stages.train import KEY_FILE
+
+    def checkpoint(step: int, key: str | None) -> None:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if key is not None:
+            (folder / KEY_FILE).write_text(json.dumps({"key": key, "step": step}))
+
+    checkpoint(4, TRAIN_KEY)
+    checkpoint(6, None)  # cut off between the Trainer's save and the key record
+    checkpoint(8, "x" * 64)  # written by another configuration
+    console = recording_console()
+    assert find_resume_checkpoint(tmp_path, console, TRAIN_KEY) == tmp_path / "checkpoint-4"
+    text = console.export_text()
+    assert "not resuming from checkpoint-8: written by another train configuration (key xxxxxxxxxxxx, this run kkkkkkkkkkkk)" in text
+    assert "deleting it, training starts fresh" in text and not (tmp_path / "checkpoint-8").exists()
+    assert f"skipping checkpoint-6: no readable {KEY_FILE}" in text
+    # only stale ones: nothing to resume from, and nothing stale left for the Trainer's rotation to trip over
+    assert find_resume_checkpoint(tmp_path, recording_console(), "y" * 64) is None
+    assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_sft_args_are_checked_against_trl_fields():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from engine.trl_fields import SFT_CONFIG_FIELDS
+
+    real = [field.name for field in dataclasses.fields(SFTConfig)]
+    assert sorted(SFT_CONFIG_FIELDS) == sorted(real), (
+        f"engine/trl_fields.py is stale for this TRL: add {sorted(set(real) - set(SFT_CONFIG_FIELDS))}, "
+        f"remove {sorted(set(SFT_CONFIG_FIELDS) - set(real))}"
+    )
+    assert TrainConfig(sft_args={"neftune_noise_alpha": 5}).sft_args == {"neftune_noise_alpha": 5}
+    with pytest.raises(ValidationError, match=r"'neftune_noise' is not a field of TRL's SFTConfig — did you mean 'neftune_noise_alpha'\?"):
+        TrainConfig(sft_args={"neftune_noise": 5})
+    with pytest.raises(ValidationError, match=r"'learning_rate' is not allowed here: set train.learning_rate"):
+        TrainConfig(sft_args={"learning_rate": 1.0})
+
+
+def test_guards_show_the_loss_mask_and_catch_a_collator_that_drops_eos(tmp_path, tokenizer):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from engine.stages.train import check_labels, load_base_model, show_loss_mask
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "HAL: Hello"}], add_generation_prompt=True, tokenize=False)
+    data = Dataset.from_dict({"prompt": [prompt] * 3, "completion": ["Honour pricks me on.", "Banish plump Jack.", "I am not only witty."]})
+    model = load_base_model(resolve_base_model(TINY_MODEL), None)
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    assert check_labels(trainer, tokenizer, 64) == {"samples_with_eos_trained": 3}
+
+    console = recording_console()
+    show_loss_mask(trainer, tokenizer, console)
+    text = console.export_text()
+    assert f"⟦Honour pricks me on.{tokenizer.eos_token}⟧" in text and "HAL: Hello" in text.split("⟦Honour")[0]
+
+    # a collator that masks padding by token id, with pad == eos: the EOS labels vanish
+    collate = trainer.data_collator
+
+    def pad_masking_collator(rows):
+        batch = collate(rows)
+        batch["labels"][batch["labels"] == tokenizer.eos_token_id] = -100
+        return batch
+
+    trainer.data_collator = pad_masking_collator
+    with pytest.raises(StageError, match=r"masks the EOS token in the labels \(0 of 3 kept\).*distinct pad token"):
+        check_labels(trainer, tokenizer, 64)
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_qlora_and_full_methods_train_on_cpu(tmp_path, dataset_dir, method):
+    cfg = TrainConfig(method=method, max_steps=3, save_steps=2, batch_size=4, logging_steps=1, max_length=128, eval_steps=2)
+    console = recording_console()
+    summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, console))
+    out = tmp_path / "train"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert summary["steps"] == 3 and summary["method"] == method and metrics["final_eval_loss"] is not None
+    assert metrics["learning_rate"] == (2e-5 if method == "full" else 2e-4)
+    if method == "full":
+        assert (out / "model" / "model.safetensors").is_file() and not (out / "adapter").exists()
+        assert metrics["trainable_params"] > 3_000_000  # every weight of the tiny model
+        assert "every weight" in console.export_text()
+    else:
+        assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "model").exists()
+        assert "4-bit nf4 base" in console.export_text()
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == 16

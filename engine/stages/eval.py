@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.datafiles import cache_root, sha256_file
 from engine.errors import StageError
+from engine.modelcard import write_eval_card
 from engine.models import base_model_input, resolve_base_model
 from engine.registry import StageContext, register_stage
 
@@ -397,6 +398,7 @@ def run_eval(ctx: StageContext) -> dict:
         "tuned": {**{m: scores["tuned"][m] for m in metrics}, "n": scores["tuned"]["n"]},
     }
     write_json_atomic(ctx.out / "results.json", results)
+    write_eval_card(ctx.upstream["export"], ctx.out / "MODEL_CARD.md", results)  # the export's card, scores filled in
     ctx.console.print(
         f"eval: acc base {results['base']['acc']:.3f} -> tuned {results['tuned']['acc']:.3f}, "
         f"acc_norm {results['base']['acc_norm']:.3f} -> {results['tuned']['acc_norm']:.3f} (chance {chance:.2f})"
