@@ -354,14 +354,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     names = [r["variant"] for r in rows][::-1]
     values = [r["tokens_per_s"] for r in rows][::-1]
     colors = ["tab:blue" if r["kind"] == "engine" else "tab:orange" for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
     bars = ax.barh(names, values, color=colors)
     for bar, row in zip(bars, rows[::-1]):
         label = f"{row['tokens_per_s']:.0f}"
         if row.get("peak_fraction") is not None:
             label += f"  ({100 * row['peak_fraction']:.1f} % of {row['precision']} matmul peak)"
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=8)
-    ax.set_xlabel("non-padding tokens / s of trainer.train() (blue: engine CLI, orange: plain TRL script)")
+    ax.set_xlabel("non-padding tokens / s of the training loop (blue: engine CLI, orange: plain TRL script)")
     ax.set_xlim(0, max(values) * 1.6)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -541,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     png = Path(args.plot) if args.plot else Path(args.output).with_suffix(".png")
-    plot(rows, png, f"LoRA SFT of SmolLM2-135M, {steps} steps, batch {train_cfg['batch_size']}: engine {vs_trl}x TRL defaults; "
-         f"{host['cpu_model']}, {host['nproc']} cores")  # fmt: skip
+    plot(rows, png, f"SmolLM2-135M LoRA SFT, {steps} steps per variant, batch {train_cfg['batch_size']}: engine {vs_trl}x TRL defaults\n"
+         f"{host['cpu_model']}, {host['nproc']} cores, load average at start {host['load_average_at_start'][0]:.2f}")  # fmt: skip
     print(f"wrote {args.output} and {png}")
     return 0
 

@@ -29,6 +29,8 @@ SMOKE_OVERRIDES = (
     "eval.max_items=8",
     "eval.sample_replies=1",
     "eval.max_new_tokens=8",
+    "eval.interviews.max_questions=2",
+    "eval.interviews.max_new_tokens=8",
 )
 
 

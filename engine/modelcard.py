@@ -258,6 +258,8 @@ def evaluation_section(results: Optional[dict]) -> str:
     """The Evaluation section: the placeholder, or the eval stage's base vs tuned scores (its results.json)."""
     if not results:
         return f"{EVALUATION}\n\n{EVALUATION_PENDING}"
+    if "tasks" in results:
+        return tasks_section(results)
     lines = [
         EVALUATION,
         "",
@@ -272,6 +274,33 @@ def evaluation_section(results: Optional[dict]) -> str:
     for who in ("base", "tuned"):
         values = results.get(who) or {}
         lines.append(f"| {who} | {_score(values, 'acc')} | {_score(values, 'acc_norm')} |")
+    return "\n".join(lines)
+
+
+def tasks_section(results: dict) -> str:
+    """The Evaluation section for the eval stage's results.json: one table row per task and metric, and the
+    per-task verdict (paired comparison of base and tuned on the same items)."""
+    lines = [
+        EVALUATION,
+        "",
+        f"lm-eval (version {results.get('lm_eval', '?')}) tasks built from held-out scenes the model never trained on; "
+        "base and tuned scored on the same items, standard errors after ±.",
+        "",
+        "| task | items | chance | metric | base | tuned |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for name, task in results["tasks"].items():
+        metrics = ("bits_per_byte",) if task.get("kind") == "perplexity" else tuple(
+            m for m in ("acc", "acc_norm", "acc_mutual_info") if m in (task.get("tuned") or {})
+        )
+        chance = f"{task['chance']:.2f}" if task.get("chance") else "—"
+        for metric in metrics:
+            lines.append(
+                f"| `{name}` | {task.get('items', '?')} | {chance} | {metric} | "
+                f"{_score(task.get('base') or {}, metric)} | {_score(task.get('tuned') or {}, metric)} |"
+            )
+    lines.append("")
+    lines += [f"- {task['verdict']}" for task in results["tasks"].values() if task.get("verdict")]
     return "\n".join(lines)
 
 

@@ -40,12 +40,15 @@ def describe(name: str, summary: dict) -> str:
         return f"merged model{extras}, {summary.get('dtype', '?')}, {_fmt(summary.get('size_mb', '?'))} MB"
     if name == "eval":
         base, tuned = summary.get("base", {}), summary.get("tuned", {})
+        if not base:
+            return f"{len(summary.get('tasks', []))} tasks (table below)"
         return f"next-line acc {_fmt(base.get('acc', '?'))} → {_fmt(tuned.get('acc', '?'))} (chance {_fmt(summary.get('chance', '?'))}, n={summary.get('items', '?')})"
     items = [f"{k} {_fmt(v)}" for k, v in summary.items() if isinstance(v, (int, float, str))][:4]
     return ", ".join(items)
 
 
 def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, seconds: float) -> None:
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -62,7 +65,22 @@ def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, secon
 
     by_name = {r.name: r.summary for r in results}
     evaluation = by_name.get("eval")
-    if evaluation and "base" in evaluation:
+    if evaluation and evaluation.get("table"):
+        scores = Table(title="base vs tuned on held-out scenes (± standard error)", title_justify="left", show_edge=False)
+        for column, justify in (("task", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right")):
+            scores.add_column(column, justify=justify)
+        for row in evaluation["table"]:
+            def shown(value, stderr):
+                return "—" if value is None else (f"{_fmt(value)} ± {_fmt(stderr)}" if stderr is not None else _fmt(value))
+
+            scores.add_row(row.get("kind", row["task"]), row["metric"], shown(row["base"], row["base_stderr"]), shown(row["tuned"], row["tuned_stderr"]))
+        console.print(scores)
+        for line in evaluation.get("verdicts", []):
+            console.print(f"  {line}", soft_wrap=True)
+        if evaluation.get("judge"):
+            means = ", ".join(f"{k} {_fmt(v)}" for k, v in evaluation["judge"].items())
+            console.print(f"  judge (1-7): {means}", soft_wrap=True)
+    elif evaluation and "base" in evaluation:  # a run recorded by the first eval stage version
         scores = Table(title=f"held-out next line: {evaluation.get('task', '')} ({evaluation.get('items', '?')} items, chance {_fmt(evaluation.get('chance', '?'))})", title_justify="left", show_edge=False)
         scores.add_column("model")
         scores.add_column("acc", justify="right")
@@ -75,10 +93,15 @@ def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, secon
                 f"{_fmt(row.get('acc_norm', float('nan')))} ± {_fmt(row.get('acc_norm_stderr', float('nan')))}",
             )
         console.print(scores)
+    if evaluation:
+        name = recipe.character.shown_name
         sample = evaluation.get("sample")
         if sample:
-            name = recipe.character.shown_name
-            body = f"[dim]{sample.get('context', '')}[/dim]\n\n[bold]{name} (tuned):[/bold] {sample.get('generated', '')}\n[bold]{name} (real):[/bold] {sample.get('real', '')}"
+            body = f"[dim]{escape(sample.get('context', ''))}[/dim]\n\n[bold]{name} (tuned):[/bold] {escape(sample.get('generated', ''))}\n[bold]{name} (real):[/bold] {escape(sample.get('real', ''))}"
             console.print(Panel(body, title="a held-out scene", title_align="left"))
+        interview = (evaluation.get("interviews") or {}).get("samples") or []
+        if interview:
+            body = "\n\n".join(f"[bold]Q:[/bold] {escape(t.get('question', ''))}\n[bold]{name}:[/bold] {escape(t.get('answer', ''))}" for t in interview[:2])
+            console.print(Panel(body, title="from the interviews (eval/interviews.md)", title_align="left"))
     ran = sum(1 for r in results if r.status == "ran")
     console.print(f"{ran} stage{'s' if ran != 1 else ''} ran, {len(results) - ran} cached, {seconds:.1f}s in all. Run folder: {run_dir}")

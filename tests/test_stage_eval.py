@@ -182,7 +182,7 @@ def make_ctx(root: Path, upstream: dict[str, Path], out_name: str = "eval.tmp") 
         name="Fal.staff-Test",
         model=MODEL,
         character=CharacterConfig(name=CHARACTER),
-        eval=EvalConfig(max_items=8, batch_size=8, sample_replies=2, max_new_tokens=8),
+        eval=EvalConfig(max_items=8, batch_size=8, sample_replies=2, max_new_tokens=8, interviews={"max_questions": 2, "multi_turn": 1, "max_new_tokens": 6}),
     )
     out = root / out_name
     out.mkdir()
@@ -224,29 +224,98 @@ def stage_run(tiny, tmp_path_factory):
     return SimpleNamespace(root=root, final=final, first=first, second=second, scored=scored, cache=cache, tiny=tiny, log=log)
 
 
+TASKS = ("fal_staff_test_next_line", "fal_staff_test_reply_choice", "fal_staff_test_heldout_ppl")
+
+
 def test_stage_outputs(stage_run):
     summary = stage_run.first
     assert summary["task"] == "fal_staff_test_next_line" and summary["items"] == 6 and summary["chance"] == 0.25
+    assert summary["tasks"] == list(TASKS)
     for who in ("base", "tuned"):
         assert set(summary[who]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
         assert 0.0 <= summary[who]["acc"] <= 1.0
-    # the same tiny model is base and tuned: the same scores
+    # the same tiny model is base and tuned: the same scores, and every verdict says so
     assert summary["base"]["acc"] == pytest.approx(summary["tuned"]["acc"])
+    assert len(summary["verdicts"]) == 3 and all("identical per item" in line for line in summary["verdicts"])
+    assert {row["metric"] for row in summary["table"]} == {"acc", "acc_norm", "acc_mutual_info", "bits_per_byte"}
     assert set(summary["sample"]) == {"context", "real", "generated"}
     assert summary["sample"]["context"].startswith("HAL: Now, Hal")  # the context turns as "SPEAKER: text" lines
 
     results = json.loads((stage_run.final / "results.json").read_text())
-    assert results["items"] == 6 and results["chance"] == 0.25 and results["tuned"]["n"] == 6
-    assert results["tuned"]["acc"] == summary["tuned"]["acc"]
+    next_line, reply, ppl = (results["tasks"][name] for name in TASKS)
+    assert next_line["items"] == 6 and next_line["chance"] == 0.25 and next_line["tuned"]["n"] == 6
+    assert next_line["tuned"]["acc"] == summary["tuned"]["acc"] and "acc_mutual_info" in next_line["tuned"]
+    assert reply["choices"] == 5 and reply["chance"] == 0.2 and reply["items"] == 6  # Yothalia's five options
+    assert ppl["kind"] == "perplexity" and ppl["chance"] is None and ppl["tuned"]["bits_per_byte"] > 0
+    assert ppl["tuned"]["word_perplexity"] > 1 and ppl["items"] == 6
+    assert results["timings"]["tuned_scoring_s"] > 0 and results["base_cached"] is False
+    assert results["adapter_agreement"] is None  # this export has no adapter (as after a full fine-tune)
     assert (stage_run.final / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (stage_run.final / "samples.md").read_text()
     assert samples.count("**generated**") == 2 and "**real**" in samples
+    assert results["interviews"]["interviews"] == 2 and (stage_run.final / "interviews.md").is_file()
+    assert len((stage_run.final / "interviews.jsonl").read_text().splitlines()) == 2 and results["judge"] is None
+    card = (stage_run.final / "MODEL_CARD.md").read_text()
+    assert "| `fal_staff_test_heldout_ppl` | 6 | — | bits_per_byte |" in card and "identical per item" in card
 
-    task = stage_run.final / "tasks" / summary["task"]
-    yaml_text = (task / f"{summary['task']}.yaml").read_text()
-    assert '"items.jsonl"' in yaml_text and str(stage_run.root) not in yaml_text  # portable: no absolute path
-    items = [json.loads(line) for line in (task / "items.jsonl").read_text().splitlines()]
-    assert len(items) == 6 and all(len(i["choices"]) == 4 for i in items)
+    for name, data_file, choices in ((TASKS[0], "items.jsonl", 4), (TASKS[1], "items.jsonl", 5), (TASKS[2], "lines.jsonl", None)):
+        task = stage_run.final / "tasks" / name
+        yaml_text = (task / f"{name}.yaml").read_text()
+        assert f'"{data_file}"' in yaml_text and str(stage_run.root) not in yaml_text  # portable: no absolute path
+        docs = [json.loads(line) for line in (task / data_file).read_text().splitlines()]
+        assert len(docs) == 6
+        if choices:
+            assert all(len(d["choices"]) == choices and len({c.casefold() for c in d["choices"]}) == choices for d in docs)
+
+
+def test_reply_choice_items_never_offer_the_gold_reply_twice():
+    rows = [
+        {"scene": f"s{i}", "turn_index": 1, "prompt": f"p{i}", "completion": text}
+        for i, text in enumerate(["Banish plump Jack.", "banish  plump jack.", "Honour pricks me on.", "A plague of all cowards!", "I am not only witty.", "Give me a cup of sack."])
+    ]
+    items = eval_stage.build_reply_items(rows, EvalConfig(reply_choices=3, max_items=6))
+    for item in items:
+        gold = item["choices"][item["label"]]
+        others = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
+        assert all(eval_stage.normalise(c) != eval_stage.normalise(gold) for c in others)
+        assert len(item["choices"]) == 4
+    assert items == eval_stage.build_reply_items(rows, EvalConfig(reply_choices=3, max_items=6))  # seeded
+    with pytest.raises(StageError, match="reply_choices"):
+        eval_stage.build_reply_items(rows, EvalConfig(reply_choices=5, max_items=6))
+    docs = eval_stage.build_perplexity_docs(rows, EvalConfig(max_items=3))
+    assert len(docs) == 3 and all(set(d) == {"id", "text"} for d in docs)
+
+
+def test_near_duplicates_are_not_distractors():
+    rng = __import__("random").Random(0)
+    chosen = eval_stage.draw_unlike("Banish plump Jack, and banish all the world.", [
+        "Banish plump Jack, and banish all the world!", "banish plump jack and banish all the world", "Honour pricks me on.",
+    ], 3, rng)  # fmt: skip
+    assert chosen == ["Honour pricks me on."]
+
+
+def test_verdict_uses_paired_standard_errors():
+    task = eval_stage.Task(kind="next_line", name="t", folder=Path("."), items=[{}] * 40, choices=4)
+    base = {"acc": 0.25, "per_item": {"acc": [0.0] * 30 + [1.0] * 10}}
+    better = {"acc": 0.75, "per_item": {"acc": [1.0] * 30 + [1.0] * 10}}
+    line = eval_stage.verdict(task, base, better)
+    assert line["outcome"] == "better" and "tuned beats base beyond 2 standard errors" in line["line"] and "+0.750" in line["line"]
+    noisy = {"acc": 0.275, "per_item": {"acc": [1.0] + [0.0] * 29 + [1.0] * 10}}
+    assert eval_stage.verdict(task, base, noisy)["outcome"] == "no clear difference"
+    ppl = eval_stage.Task(kind="perplexity", name="p", folder=Path("."), items=[{}] * 3, choices=None)
+    worse = eval_stage.verdict(ppl, {"bits_per_byte": 1.0, "per_item": {"bits_per_byte": [[-10.0, 10]] * 3}}, {"bits_per_byte": 2.0, "per_item": {"bits_per_byte": [[-20.0, 10], [-21.0, 10], [-19.0, 10]]}})
+    assert worse["outcome"] == "worse" and "bits/byte" in worse["line"]
+
+
+def test_an_ignored_adapter_is_caught():
+    task = eval_stage.Task(kind="next_line", name="t", folder=Path("."), items=[{}] * 4, choices=2)
+    base = {"t": {"acc": 0.5, "per_item": {"acc": [1.0, 0.0, 1.0, 0.0], "loglik": [-5.0, -6.0] * 4}}}
+    merged = {"t": {"acc": 1.0, "per_item": {"acc": [1.0] * 4, "loglik": [-2.0, -7.0] * 4}}}
+    applied = {"t": {"acc": 1.0, "per_item": {"acc": [1.0] * 4, "loglik": [-2.001, -7.002] * 4}}}
+    report = eval_stage.adapter_agreement([task], base, merged, applied)
+    assert report["mean_abs_loglik_diff_adapter_vs_merged"] < 0.01 and report["t"]["acc_diff"] == 0.0
+    with pytest.raises(StageError, match="base \\+ adapter does not reproduce the merged model.*the adapter was not applied"):
+        eval_stage.adapter_agreement([task], base, merged, base)  # PEFT loaded nothing: scores of the base
 
 
 def test_base_scores_cached(stage_run):
@@ -255,15 +324,16 @@ def test_base_scores_cached(stage_run):
     assert len(list((stage_run.cache / "eval-base").glob("*.json"))) == 1
     assert stage_run.second["base"] == stage_run.first["base"]
     results = json.loads((stage_run.root / "eval.tmp2" / "results.json").read_text())
-    assert results["base"]["cached"] is True
+    assert results["base_cached"] is True and results["timings"]["base_scoring_s"] is None
     assert "base model scores reused from" in stage_run.log
 
 
-def test_task_folder_runs_with_lm_eval_cli(stage_run):
-    task_name_ = stage_run.first["task"]
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["next_line", "reply_choice", "heldout_ppl"])
+def test_task_folder_runs_with_lm_eval_cli(stage_run, index):
+    task_name_ = TASKS[index]
     folder = stage_run.final / "tasks" / task_name_
     lm_eval = Path(sys.executable).with_name("lm_eval")
-    output = stage_run.root / "cli"
+    output = stage_run.root / f"cli-{index}"
     command = [
         str(lm_eval), "--include_path", ".", "--tasks", task_name_, "--model", "hf",
         "--model_args", f"pretrained={stage_run.tiny}", "--device", "cpu", "--batch_size", "4", "--output_path", str(output),
@@ -272,8 +342,10 @@ def test_task_folder_runs_with_lm_eval_cli(stage_run):
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(output.rglob("results_*.json")).read_text())["results"][task_name_]
-    assert result["acc,none"] == pytest.approx(stage_run.first["tuned"]["acc"], abs=1e-9)
-    assert result["acc_norm,none"] == pytest.approx(stage_run.first["tuned"]["acc_norm"], abs=1e-9)
+    expected = json.loads((stage_run.final / "results.json").read_text())["tasks"][task_name_]["tuned"]
+    metrics = ("bits_per_byte", "word_perplexity") if index == 2 else ("acc", "acc_norm", "acc_mutual_info")
+    for metric in metrics:
+        assert result[f"{metric},none"] == pytest.approx(expected[metric], rel=1e-6), metric
 
 
 def test_no_heldout_items_is_a_stage_error(tiny, tmp_path):
