@@ -111,3 +111,22 @@ def test_odd_batch_over_processes_is_refused(tmp_path):
     assert done.returncode == 5, done.stdout[-2000:] + done.stderr[-2000:]
     assert "train.batch_size=3 does not divide among 2 processes; use a multiple of 2" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout.split("launching:")[0]
+
+
+def test_deepspeed_that_cannot_start_names_the_launcher_that_works(monkeypatch):
+    import builtins
+
+    from engine.errors import StageError
+    from engine.stages.train import check_launcher_possible
+
+    check_launcher_possible(LaunchConfig(launcher="accelerate", num_processes=2))  # not DeepSpeed: nothing to check
+    real_import = builtins.__import__
+
+    def no_deepspeed(name, *args, **kwargs):
+        if name.startswith("deepspeed"):
+            raise ImportError("No module named 'deepspeed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspeed)
+    with pytest.raises(StageError, match=r"DeepSpeed cannot run on this machine \(ImportError.*use launch.launcher: accelerate"):
+        check_launcher_possible(LaunchConfig(launcher="deepspeed_zero2", num_processes=2))

@@ -695,7 +695,13 @@ def check_launcher_possible(launch: Any) -> None:
             f"DeepSpeed cannot run on this machine ({type(exc).__name__}: {exc}); use launch.launcher: accelerate "
             "(data-parallel over gloo on CPU, NCCL on GPUs) or train in one process (launcher: none)",
         ) from None
-    _ = accelerator
+    if accelerator.device_name() == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        # on a CPU DeepSpeed builds its communication op (and, with offload, its CPU Adam) with the system compiler
+        raise StageError(
+            "train",
+            f"DeepSpeed on a CPU compiles its ops with a C++ compiler and none is installed; install g++, or use "
+            f"launch.launcher: accelerate (data-parallel over gloo) instead of {ds.name}",
+        )
 
 
 @register_stage(
