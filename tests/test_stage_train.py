@@ -380,3 +380,12 @@ def test_qlora_and_full_methods_train_on_cpu(tmp_path, dataset_dir, method):
         assert "4-bit nf4 base" in console.export_text()
         config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert config["r"] == 16
+
+
+def test_packing_trains_padding_free(tmp_path, dataset_dir):
+    with pytest.raises(ValidationError, match="padding_free without packing.*set packing: true"):
+        TrainConfig(padding_free=True)
+    cfg = TrainConfig(max_steps=2, save_steps=5, batch_size=4, logging_steps=1, max_length=128, packing=True, padding_free=True)
+    summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, recording_console()))
+    assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()

@@ -117,7 +117,9 @@ class TrainConfig(BaseModel):
     packing: bool = Field(
         False, description="Pack several samples into each max_length row (no padding; attention stays within each sample)."
     )
-    padding_free: bool = Field(False, description="Concatenate the batch into one row without padding (position ids keep samples apart).")
+    padding_free: bool = Field(
+        False, description="Concatenate the batch into one row without padding (position ids keep samples apart); needs packing: true."
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision; auto = bf16 where the GPU or CPU (AMX / AVX512-BF16) supports it, else fp32."
     )
@@ -166,6 +168,11 @@ class TrainConfig(BaseModel):
     def _steps_or_epochs(self) -> "TrainConfig":
         if not self.max_steps and self.num_epochs is None:
             raise ValueError("set max_steps (e.g. 60) or, with max_steps: 0, num_epochs (e.g. 1)")
+        if self.padding_free and not self.packing:
+            raise ValueError(
+                "padding_free without packing cannot enforce max_length in TRL 1.16 (it refuses the combination); "
+                "set packing: true as well (BFD packing is padding-free)"
+            )
         return self
 
     def peak_learning_rate(self) -> float:
