@@ -1,13 +1,13 @@
 # The two commands of the README:
 #   make demo   install everything into .venv and run the embedded default (Falstaff, CPU, no network)
-#   make test   install everything into .venv and run the tests (what .ci/run calls)
+#   make test   install everything (.venv; chromium for the browser test) and run the tests (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE := $(VENV)/bin/recipe
 # Tests and CI read the real data from ../shared/data (never copied into the project).
 export RECIPE_DATA_PATH ?= $(abspath ../shared/data)
 
-.PHONY: install demo test reference clean
+.PHONY: install browser demo test reference clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(RECIPE) run recipes/shakespeare_falstaff.yaml
 
-test: install
+# Debian's chromium + chromedriver for the chat page's browser test (tests/test_serve_browser.py)
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q
 
 reference: install

@@ -215,6 +215,10 @@ def reference() -> None:
 from engine.slurm import launch as _launch_command  # noqa: E402  (light: click and engine.errors only)
 
 cli.add_command(_launch_command)
+from engine.serve.cli import chat as _chat_command, serve as _serve_command  # noqa: E402  (light: click only)
+
+cli.add_command(_serve_command)
+cli.add_command(_chat_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from engine.errors import Problem, RecipeError
 from engine.launch import LaunchConfig
+from engine.serve.config import ServeConfig
 from engine.models import ModelConfig
 from engine.persona import CharacterConfig
 from engine.registry import SOURCES, load_all, stage_kinds
@@ -64,6 +65,7 @@ def build_recipe_model() -> type[RecipeBase]:
         "model": (ModelConfig, Field(default_factory=ModelConfig, description="The base model.")),
         "source": (source_type, Field(..., description="Where the dialogue comes from; `kind` picks the source format.")),
         "launch": (LaunchConfig, Field(default_factory=LaunchConfig, description="How the train stage starts its processes (launchers/); not part of any cache key.")),
+        "serve": (ServeConfig, Field(default_factory=ServeConfig, description="How `recipe serve` / `recipe chat` run the exported model (precision, device, default sampling, limits); not part of any cache key.")),
     }
     for stage in stage_kinds():
         if stage.name != "source":

@@ -116,17 +116,23 @@ def test_distractors_same_scene_never_gold_no_duplicates_deterministic():
     assert len({item["label"] for item in items}) > 1
 
 
-def test_distractors_fall_back_to_any_scene_and_sample_items():
-    # one held-out scene with one other line: the rest comes from the training scenes
+def test_distractors_never_come_from_training_scenes_and_items_are_sampled():
+    # one held-out scene with one other speaker's line: the training scenes are never used to fill up
     rows = [r for r in heldout_rows() if r["scene"] == "h1/s3"]
-    items = build_items(rows, turns(), CHARACTER, EvalConfig(distractors=3))
-    assert len(items[0]["choices"]) == 4 and "Hear me, my liege." in items[0]["choices"]
+    with pytest.raises(StageError, match=r"only 1 distinct lines.*never come from training scenes.*eval.distractors to 1 or less"):
+        build_items(rows, turns(), CHARACTER, EvalConfig(distractors=3))
+    items = build_items(rows, turns(), CHARACTER, EvalConfig(distractors=1))
+    assert [c for i, c in enumerate(items[0]["choices"]) if i != items[0]["label"]] == ["Hear me, my liege."]
+    # no policy ever offers a line of a training scene (the tuned model trained on those)
+    training_lines = {normalise(t) for scene, lines in SCENES.items() if scene not in HELDOUT_SCENES for _, t in lines}
+    heldout_lines = {normalise(t) for scene in HELDOUT_SCENES for _, t in SCENES[scene]}
+    for policy, k in (("same_scene", 3), ("character_other_scenes", 2), ("random", 3)):
+        for item in build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(distractors=k, distractor_pool=policy)):
+            for choice in item["choices"]:
+                assert normalise(choice) in heldout_lines and (normalise(choice) not in training_lines or normalise(choice) in heldout_lines)
     # a seeded sample of max_items, in data order
     sample = build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(max_items=3, seed=5))
     assert len(sample) == 3 and sample == build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(max_items=3, seed=5))
-    # more distractors than distinct lines anywhere: a clear error with the fix
-    with pytest.raises(StageError, match="eval.distractors"):
-        build_items(rows, turns(), CHARACTER, EvalConfig(distractors=50))
 
 
 def test_distractor_pool_character_other_scenes_and_random():

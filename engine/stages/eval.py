@@ -156,7 +156,8 @@ def distractor_pools(policy: str, scene: str, heldout_scenes: list[str], all_sce
     """The scenes to draw from, in order of preference, for one item's scene."""
     other_heldout = [s for s in heldout_scenes if s != scene]
     if policy == "same_scene":
-        return [[scene], other_heldout, [s for s in all_scenes if s != scene and s not in heldout_scenes]]
+        # never a training scene's line: the tuned model has seen those, and would be tested on memory
+        return [[scene], other_heldout]
     if policy == "character_other_scenes":
         return [other_heldout]  # held-out scenes only: no trained-on line of the character is ever a choice
     return [heldout_scenes]  # random: any line of the held-out scenes, one pool
@@ -230,8 +231,8 @@ def build_items(heldout: Any, turns: list[dict], character: str, cfg: EvalConfig
             raise StageError(
                 "eval",
                 f"only {len(distractors)} distinct lines exist for {cfg.distractors} distractors with distractor_pool "
-                f"{cfg.distractor_pool}; fix: set eval.distractors to {max(1, len(distractors))} or less, choose another "
-                "eval.distractor_pool, or hold out more scenes",
+                f"{cfg.distractor_pool} in the held-out scenes (distractors never come from training scenes); fix: set "
+                f"eval.distractors to {max(1, len(distractors))} or less, choose another eval.distractor_pool, or hold out more scenes",
             )
         label = rng.randrange(cfg.distractors + 1)
         choices = list(distractors)
