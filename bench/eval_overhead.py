@@ -6,46 +6,60 @@ Goal (issue 5): the eval stage costs no more than the same tasks in plain lm_eva
 
 One invocation runs, one after the other, each in its own process:
 
-  setup    `recipe run recipes/shakespeare_falstaff.yaml --run-dir <tmp> --until eval --set train.max_steps=2
-           --set train.save_steps=1000 --set eval.max_items=N --set eval.sample_replies=0 [--set
-           eval.interviews.enabled=false, when the recipe schema has it]`: a short run that leaves an exported
-           model and the eval stage's task folders (<run>/eval/tasks/<task>/<task>.yaml + items.jsonl).
-  then R repeats (default 3), each of:
-  engine   the same command with `--force eval`: only the eval stage runs again. By default the base model's
-           scores are cached (the setup run put them in the cache), so the stage scores the tuned model only:
-           the like-for-like part. Its figure is results.json["timings"]["tuned_scoring_s"] (seconds the stage
-           spent in lm-eval for the tuned model: model load + simple_evaluate, all tasks); where results.json
-           has no "timings" yet, the eval stage's wall_time_s (<run>/eval/.stage.json, the whole stage: items,
-           plot, card too) stands in, an upper bound, and the report says so. With --base fresh every engine
-           repeat gets an empty eval-base cache (a temporary RECIPE_CACHE whose models/ and downloads/ link to
-           the real ones), so the base model is scored every time and compared with plain lm-eval on it too.
-  plain    for every task folder, the command the generated YAML's header documents, as a user runs it:
+  setup    `recipe run recipes/shakespeare_falstaff.yaml --run-dir <tmp> --until eval --set train.max_steps=1
+           --set train.save_steps=1000 --set eval.max_items=N --set eval.sample_replies=0` plus, where the recipe
+           schema has them, `--set eval.interviews.enabled=false --set eval.judge.enabled=false --set
+           eval.check_adapter=false` (stage work that is not lm-eval scoring of the tasks): a short run that leaves
+           an exported model and the eval stage's task folders (<run>/eval/tasks/<task>/<task>.yaml + its .jsonl),
+           every one of which is measured.
+  then R repeats (default 3), each of (engine and inproc alternate which goes first; the CLI runs in the first):
+  engine   the same command with `--force eval`: only the eval stage runs again (the script checks that no
+           other stage record changed). By default the base model's scores are cached (the setup run put them
+           in the cache), so the stage scores the tuned model only: the like-for-like part. Its figure is
+           results.json["timings"]["tuned_scoring_s"]: the stage's clock around HFLM load + TaskManager +
+           simple_evaluate of all tasks at once (imports excluded). Where results.json has no "timings" (an
+           older stage), the eval stage's wall_time_s (<run>/eval/.stage.json: the whole stage, items, plot and
+           card too) stands in, an upper bound, and the report says so. With --base fresh every engine repeat
+           gets an empty eval-base cache (a temporary RECIPE_CACHE whose models/ and downloads/ link to the real
+           ones), so the base model is scored every time, and plain lm-eval scores the base model too.
+  plain    for every task folder, the command its YAML's header documents, as a user runs it:
            `cd <run>/eval/tasks/<task> && lm_eval --include_path . --tasks <task> --model hf --model_args
-           pretrained=<run>/export/model --device cpu --batch_size <eval.batch_size>`, timed as a whole process
-           (python start-up, imports, lm-eval's indexing of its built-in tasks, model load, scoring), summed
-           over the tasks.
-  inproc   plain lm-eval in a Python process of its own (this file with --worker): import lm_eval, then time
-           HFLM(pretrained=<model>, device, batch_size) + for each task folder: chdir there,
+           pretrained=<run>/export/model --device cpu --batch_size <the stage's batch size>`, timed as a whole
+           process (python start-up, imports, lm-eval's indexing of its built-in tasks, model load, scoring),
+           summed over the tasks (one process and one model load per task, as documented).
+  inproc   plain lm-eval in a Python process of its own (this file with --worker): import lm_eval (not timed),
+           then time HFLM(pretrained=<model>, device, batch_size) once + for each task folder: chdir there,
            TaskManager(include_path=<folder>, include_defaults=False) + simple_evaluate(model=lm, tasks=[task],
-           log_samples=False), as the stage does. The model is loaded once for all tasks, as in the stage.
+           log_samples=False). One model load for all tasks, as in the stage; one simple_evaluate per task, as
+           the relative data_files of the task folders require.
 
 The headline ratio is engine tuned_scoring_s / inproc seconds, each the best of R: both time the same unit of
-work (model load + scoring, imports excluded), so the ratio shows what the stage adds around lm-eval. The
-whole-process ratio (engine `recipe run --force eval` process / plain lm_eval processes) is reported too, but
-it compares different work: the engine process also computes every stage's cache key, builds the items and
-writes the plot and card; the lm_eval CLI indexes its ~10,000 built-in task YAMLs on every start.
+work (model load + scoring of every task, imports excluded), so the ratio shows what the stage adds around
+lm-eval (its log_samples=True and per-item bookkeeping, its batching of all tasks in one simple_evaluate). The
+whole-process ratio (engine `recipe run --force eval` process / plain lm_eval processes) is reported too, but it
+compares different work: the engine process also computes every stage's cache key, builds the items and writes
+the plot and card; the lm_eval CLI indexes its built-in task YAMLs and loads the model once per task.
 
-Every repeat checks that the engine's tuned scores (results.json) equal plain lm-eval's: the in-process worker
-exactly, the CLI to the 4 decimals its table prints. A mismatch is printed in red and recorded under
-"agreement" (exit code 2).
+CPU seconds (user + sys, from the kernel's accounting of each finished child process; the worker's own
+time.process_time around load + scoring) are reported next to the wall times. On the shared 2-core machine they
+tracked the wall time (OpenMP threads spin while they wait for a core), so they do not remove the noise of
+other work either: take the figures on a quiet machine.
+
+Every repeat checks that the engine's tuned scores (results.json) equal plain lm-eval's, per task and metric
+(acc, acc_norm, acc_mutual_info; word/byte perplexity, bits per byte): the in-process worker to a relative
+1e-5 (float noise from other batches), the CLI to the 4 decimals its table prints. A mismatch is printed in red
+and recorded under "agreement" (exit code 2).
 
 Writes bench/eval_overhead.json (command, machine, library versions, the exact commands, every repeat).
 
-Options: --items N (eval.max_items; default 32, the recipe's), --repeats R (default 3; best of R is reported),
---quick (8 items, 1 repeat: a smoke of ~3 minutes), --base cached|fresh, --batch-size B (default: the recipe's
-eval.batch_size), --recipe FILE, --set KEY=VALUE (more overrides, passed to every engine run), --run-dir DIR
-(reuse or keep this run folder instead of a temporary one), --output FILE, --keep (keep the temporary folder
-and the logs).
+Options: --items N (eval.max_items, per task; default 4), --repeats R (default 3; the best of R is reported),
+--cli-repeats C (how many of the repeats also run the lm_eval CLI; default 1), --quick (2 items, 1 repeat: a
+smoke), --stage-like (a diagnostic: also time plain lm-eval called the stage's way: one include folder of YAML
+copies naming the data files absolutely, one simple_evaluate for all tasks, log_samples=True; tells the cost of
+the stage's process from that of its way of calling lm-eval), --base cached|fresh, --batch-size B (default: the
+recipe's eval.batch_size, auto = 8 on a CPU as the stage resolves it), --recipe FILE, --set KEY=VALUE (more overrides,
+passed to every engine run), --run-dir DIR (use and keep this run folder instead of a temporary one: a rerun
+with the same settings skips the setup's training), --output FILE, --keep (keep the temporary folder and logs).
 """
 
 from __future__ import annotations
@@ -68,6 +82,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GOAL_RATIO = 1.05
 CLI_TOLERANCE = 5.1e-5  # the lm_eval table prints 4 decimals
 EXACT_TOLERANCE = 1e-9
+RELATIVE_TOLERANCE = 1e-5  # the stage scores all tasks in one simple_evaluate (other batches): float noise only
+# Keys turned off in every engine run when the recipe schema has them: work of the stage that is not
+# lm-eval scoring of the tasks (interviews generate text; the adapter check scores base + adapter once more).
+OPTIONAL_OFF = ("eval.interviews.enabled=false", "eval.judge.enabled=false", "eval.check_adapter=false")
 
 
 # ---------------------------------------------------------------- the machine
@@ -119,23 +137,48 @@ def plain_worker(cfg: dict) -> int:
     from lm_eval.tasks import TaskManager
 
     import_s = time.perf_counter() - started
+    cpu_started = time.process_time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch_size = cfg["batch_size"]
     started = time.perf_counter()
     lm = HFLM(pretrained=cfg["model"], device=device, batch_size=batch_size)
     load_s = time.perf_counter() - started
     tasks = {}
-    for entry in cfg["tasks"]:
-        os.chdir(entry["folder"])  # data_files in the YAML is relative to the working directory
-        started = time.perf_counter()
-        manager = TaskManager(include_path=entry["folder"], include_defaults=False)
-        output = simple_evaluate(model=lm, tasks=[entry["task"]], task_manager=manager, log_samples=False)
-        seconds = time.perf_counter() - started
-        result = output["results"][entry["task"]]
+
+    def metrics_of(output: dict, task: str) -> dict:
+        result = output["results"][task]
         metrics = {k.split(",")[0]: float(v) for k, v in result.items() if k.endswith(",none") and isinstance(v, (int, float))}
-        tasks[entry["task"]] = {"seconds": round(seconds, 3), "metrics": metrics, "n": int(output["n-samples"][entry["task"]]["effective"])}
+        return {"metrics": metrics, "n": int(output["n-samples"][task]["effective"])}
+
+    if cfg.get("mode") == "stage_like":
+        # diagnostic: lm-eval called the way the stage calls it: copies of the YAMLs naming the data files
+        # absolutely in one include folder, one TaskManager, one simple_evaluate for all tasks, log_samples=True
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-eval-stage-like-") as include:
+            for entry in cfg["tasks"]:
+                folder = Path(entry["folder"])
+                text = Path(entry["yaml"]).read_text(encoding="utf-8")
+                for data in folder.glob("*.jsonl"):
+                    text = text.replace(json.dumps(data.name), json.dumps(str(data.resolve())))
+                (Path(include) / Path(entry["yaml"]).name).write_text(text, encoding="utf-8")
+            started = time.perf_counter()
+            manager = TaskManager(include_path=include, include_defaults=False)
+            output = simple_evaluate(model=lm, tasks=[e["task"] for e in cfg["tasks"]], task_manager=manager, log_samples=True)
+            seconds = time.perf_counter() - started
+        for i, entry in enumerate(cfg["tasks"]):
+            tasks[entry["task"]] = {"seconds": round(seconds, 3) if i == 0 else 0.0, **metrics_of(output, entry["task"])}
+    else:
+        for entry in cfg["tasks"]:
+            os.chdir(entry["folder"])  # data_files in the YAML is relative to the working directory
+            started = time.perf_counter()
+            manager = TaskManager(include_path=entry["folder"], include_defaults=False)
+            output = simple_evaluate(model=lm, tasks=[entry["task"]], task_manager=manager, log_samples=False)
+            tasks[entry["task"]] = {"seconds": round(time.perf_counter() - started, 3), **metrics_of(output, entry["task"])}
     scoring_s = load_s + sum(t["seconds"] for t in tasks.values())
+    scoring_cpu_s = time.process_time() - cpu_started
     result = {
+        "scoring_cpu_s": round(scoring_cpu_s, 2),
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "import_s": round(import_s, 3),
@@ -150,11 +193,21 @@ def plain_worker(cfg: dict) -> int:
 # ---------------------------------------------------------------- running things
 
 
+CPU = {}  # log path -> CPU seconds (user + sys) of that process and its children
+
+
 def run_logged(cmd: list[str], log: Path, env: dict, cwd: Path) -> tuple[int, float]:
+    """Runs cmd to completion; returns (exit code, wall seconds) and records its CPU seconds in CPU[log]."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    return code, time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[str(log)] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2)
+    return code, wall
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -192,7 +245,7 @@ def documented_command(yaml_file: Path) -> str | None:
         if not line.startswith("#"):
             break
         text = line.lstrip("#").strip()
-        if lines or text.startswith("cd ") or text.startswith("lm_eval "):
+        if lines or re.match(r"^(cd \S.*&& *)?lm_eval --", text):
             lines.append(text)
             if not text.endswith("\\"):
                 break
@@ -255,25 +308,31 @@ def engine_task_scores(results: dict, task: str, which: str = "tuned") -> dict |
     def numeric(d: dict) -> dict:
         return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
 
-    if results.get("task") == task and isinstance(results.get(which), dict) and "acc" in results[which]:
-        return numeric(results[which])
-    for outer, inner in (("tasks", task), (which, task)):
+    if results.get("task") == task and isinstance(results.get(which), dict):  # the one-task layout
+        return numeric(results[which]) or None
+    for outer, inner in (("tasks", task), (which, task)):  # tasks.<task>.<which> or <which>.<task>
         block = results.get(outer)
         if isinstance(block, dict) and isinstance(block.get(inner), dict):
-            candidate = block[inner].get(which, block[inner]) if outer == "tasks" else block[inner]
-            if isinstance(candidate, dict) and "acc" in candidate:
+            candidate = block[inner].get(which) if outer == "tasks" else block[inner]
+            if isinstance(candidate, dict) and numeric(candidate):
                 return numeric(candidate)
-    # last resort: any dict with "acc" whose path names both the task and `which`
+    # last resort: any dict of numbers whose path names both the task and `which`
     stack = [((), results)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, dict):
-            if "acc" in node and task in path and which in path:
+            if task in path and path and path[-1] == which and numeric(node):
                 return numeric(node)
             stack += [((*path, k), v) for k, v in node.items()]
         elif isinstance(node, list):
             stack += [((*path, str(i)), v) for i, v in enumerate(node)]
     return None
+
+
+def close(a: float, b: float, tolerance: float) -> bool:
+    if a != a or b != b:  # NaN
+        return a != a and b != b
+    return abs(a - b) <= max(tolerance, RELATIVE_TOLERANCE * max(abs(a), abs(b)))
 
 
 def compare(engine: dict | None, plain: dict | None, tolerance: float) -> dict:
@@ -285,9 +344,15 @@ def compare(engine: dict | None, plain: dict | None, tolerance: float) -> dict:
     for key in keys:
         if key not in engine or key not in plain:
             diffs[key] = {"engine": engine.get(key), "plain": plain.get(key)}
-        elif abs(engine[key] - plain[key]) > tolerance:
+        elif not close(engine[key], plain[key], tolerance):
             diffs[key] = {"engine": engine[key], "plain": plain[key]}
     return {"same": not diffs, "compared": keys, "differences": diffs}
+
+
+def base_was_cached(results: dict) -> bool | None:
+    if "base_cached" in results:
+        return results["base_cached"]
+    return (results.get("base") or {}).get("cached")
 
 
 def stage_record(run_dir: Path, stage: str) -> bytes | None:
@@ -312,9 +377,12 @@ def fresh_cache(tmp: Path, index: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/shakespeare_falstaff.yaml")
-    parser.add_argument("--items", type=int, default=None, help="eval.max_items (default 32; 8 with --quick)")
+    parser.add_argument("--items", type=int, default=None, help="eval.max_items, per task (default 4; 2 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats; the best is reported (default 3; 1 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="8 items, 1 repeat: a smoke of a few minutes")
+    parser.add_argument("--quick", action="store_true", help="2 items per task, 1 repeat: a smoke")
+    parser.add_argument("--stage-like", action="store_true",
+                        help="diagnostic: also time lm-eval called the stage's way (one simple_evaluate for all tasks, absolute data files, log_samples=True)")  # fmt: skip
+    parser.add_argument("--cli-repeats", type=int, default=1, help="repeats that also run the plain lm_eval CLI (default 1: the first)")
     parser.add_argument("--base", choices=("cached", "fresh"), default="cached",
                         help="cached: the measured eval runs reuse the base scores (tuned scoring only); fresh: score the base every time")  # fmt: skip
     parser.add_argument("--batch-size", default=None, help="eval.batch_size (default: the recipe's)")
@@ -327,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return plain_worker(json.loads(args.worker))
 
-    items = args.items or (8 if args.quick else 32)
+    items = args.items or (2 if args.quick else 4)
     repeats = max(1, args.repeats or (1 if args.quick else 3))
     host = machine()  # before the work: the load average says how quiet the machine was
     env = dict(os.environ)
@@ -347,21 +415,32 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     recipe_path = args.recipe
-    sets = ["train.max_steps=2", "train.save_steps=1000", f"eval.max_items={items}", "eval.sample_replies=0"]
+    recipe_file = str(ROOT / recipe_path) if not Path(recipe_path).is_absolute() else recipe_path
+    sets = ["train.max_steps=1", "train.save_steps=1000", f"eval.max_items={items}", "eval.sample_replies=0"]
+    for item in OPTIONAL_OFF:  # only where the recipe schema has the key (the stage grows)
+        try:
+            load_recipe(recipe_file, [*sets, item])
+            sets.append(item)
+        except RecipeUserError:
+            pass
     if args.batch_size is not None:
         sets.append(f"eval.batch_size={args.batch_size}")
     sets += args.overrides
     try:
-        load_recipe(str(ROOT / recipe_path) if not Path(recipe_path).is_absolute() else recipe_path, sets + ["eval.interviews.enabled=false"])
-        sets.insert(4, "eval.interviews.enabled=false")  # the interviews (if the stage has them) are not lm-eval scoring
-    except RecipeUserError:
-        pass
-    try:
-        recipe = load_recipe(str(ROOT / recipe_path) if not Path(recipe_path).is_absolute() else recipe_path, sets)
+        recipe = load_recipe(recipe_file, sets)
     except RecipeUserError as exc:
         console.print(f"[red]{exc}[/red]")
         return 1
     batch_size = recipe.eval.batch_size
+    if batch_size == "auto":  # what the stage passes to lm-eval (8 on a CPU: lm-eval's search is slow there)
+        try:
+            from engine.stages.eval import lm_eval_batch_size
+
+            batch_size = lm_eval_batch_size(batch_size)
+        except ImportError:
+            import torch
+
+            batch_size = "auto" if torch.cuda.is_available() else 8
     versions = library_versions()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-overhead-"))
@@ -396,16 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         setup = {
             "process_wall_s": round(setup_wall, 1),
             "timings": setup_results.get("timings"),
-            "base_cached": (setup_results.get("base") or {}).get("cached"),
+            "base_cached": base_was_cached(setup_results),
             "eval_stage_wall_s": json.loads(stage_record(run_dir, "eval")).get("wall_time_s"),
         }
         upstream_before = {s: stage_record(run_dir, s) for s in ("source", "clean", "dataset", "train", "export")}
 
         # ------------------------------------------------ the repeats
-        runs = []
-        agreement = []
-        for index in range(repeats):
-            row: dict = {"repeat": index + 1}
+        def engine_run(index: int) -> tuple[dict, dict]:
             run_env = dict(env)
             if args.base == "fresh":
                 run_env["RECIPE_CACHE"] = str(fresh_cache(tmp, index))
@@ -418,43 +494,61 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"`--force eval` reran {', '.join(reran)} too: the measured runs would not be eval alone (see {log})")
             results = json.loads((run_dir / "eval" / "results.json").read_text())
             timings = results.get("timings") or {}
-            stage_wall = json.loads(stage_record(run_dir, "eval")).get("wall_time_s")
-            base_cached = (results.get("base") or {}).get("cached")
-            row["engine"] = {
+            base_cached = base_was_cached(results)
+            if args.base == "cached" and base_cached is False:
+                console.print("[yellow]the base model was scored again in a measured run (its cache entry was missing)[/yellow]")
+            return {
                 "process_wall_s": round(wall, 2),
-                "eval_stage_wall_s": stage_wall,
+                "process_cpu_s": CPU[str(log)],
+                "eval_stage_wall_s": json.loads(stage_record(run_dir, "eval")).get("wall_time_s"),
                 "tuned_scoring_s": timings.get("tuned_scoring_s"),
                 "base_scoring_s": timings.get("base_scoring_s"),
                 "base_cached": base_cached,
-                "has_timings": "tuned_scoring_s" in timings,
-            }
-            if args.base == "cached" and base_cached is False:
-                console.print("[yellow]the base model was scored again in a measured run (its cache entry was missing)[/yellow]")
+                "has_timings": timings.get("tuned_scoring_s") is not None,
+            }, results
 
-            # plain lm_eval CLI, one process per task folder
-            cli_total = 0.0
-            cli_scores = {}
+        def cli_run(index: int) -> dict:
+            """The documented lm_eval command, one process per task folder."""
+            total, per_task = 0.0, {}
             for entry in tasks:
                 log = logs / f"cli-{entry['task']}-{index + 1}.log"
                 code, cli_wall = run_logged(entry["cli"], log, env, Path(entry["folder"]))
                 if code != 0:
                     raise RuntimeError(f"plain lm_eval failed (exit {code}): cd {entry['folder']} && {shlex.join(entry['cli'])}\n{tail(log)}")
-                cli_total += cli_wall
-                table = parse_table(log.read_text(errors="replace"))
-                cli_scores[entry["task"]] = {"process_wall_s": round(cli_wall, 2), "metrics": table.get(entry["task"])}
-            row["plain_cli"] = {"process_wall_s": round(cli_total, 2), "tasks": cli_scores}
+                total += cli_wall
+                per_task[entry["task"]] = {"process_wall_s": round(cli_wall, 2), "process_cpu_s": CPU[str(log)], "metrics": parse_table(log.read_text(errors="replace")).get(entry["task"])}
+            return {"process_wall_s": round(total, 2), "process_cpu_s": round(sum(t["process_cpu_s"] for t in per_task.values()), 2), "tasks": per_task}
 
-            # plain lm-eval in a process of its own: model load + simple_evaluate, timed inside
-            models = [("tuned", model)] + ([("base", base_dir)] if base_dir else [])
-            for label, model_dir in models:
-                result_file = tmp / f"inproc-{label}-{index + 1}.json"
-                cfg = {"model": model_dir, "batch_size": batch_size, "result": str(result_file),
-                       "tasks": [{"folder": t["folder"], "task": t["task"]} for t in tasks]}  # fmt: skip
-                log = logs / f"inproc-{label}-{index + 1}.log"
-                code, in_wall = run_logged([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)], log, env, ROOT)
-                if code != 0 or not result_file.is_file():
-                    raise RuntimeError(f"plain in-process lm-eval failed (exit {code}):\n{tail(log)}")
-                row[f"plain_inproc_{label}"] = {**json.loads(result_file.read_text()), "process_wall_s": round(in_wall, 2)}
+        def inproc_run(index: int, label: str, model_dir: str, mode: str = "plain") -> dict:
+            """Plain lm-eval in a process of its own: model load + simple_evaluate, timed inside."""
+            result_file = tmp / f"inproc-{label}-{index + 1}.json"
+            cfg = {"model": model_dir, "batch_size": batch_size, "result": str(result_file), "mode": mode,
+                   "tasks": [{"folder": t["folder"], "task": t["task"], "yaml": t["yaml"]} for t in tasks]}  # fmt: skip
+            log = logs / f"inproc-{label}-{index + 1}.log"
+            code, in_wall = run_logged([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)], log, env, ROOT)
+            if code != 0 or not result_file.is_file():
+                raise RuntimeError(f"plain in-process lm-eval failed (exit {code}):\n{tail(log)}")
+            return {**json.loads(result_file.read_text()), "process_wall_s": round(in_wall, 2), "process_cpu_s": CPU[str(log)]}
+
+        runs = []
+        agreement = []
+        for index in range(repeats):
+            row: dict = {"repeat": index + 1}
+            # alternate which side goes first, so a load that rises or falls over the run favours neither
+            row["order"] = ["engine", "inproc"] if index % 2 == 0 else ["inproc", "engine"]
+            if args.stage_like:
+                row["order"].insert(1, "stage_like")
+            for side in row["order"]:
+                if side == "engine":
+                    row["engine"], results = engine_run(index)
+                elif side == "stage_like":
+                    row["plain_stage_like"] = inproc_run(index, "stage-like", model, mode="stage_like")
+                else:
+                    row["plain_inproc_tuned"] = inproc_run(index, "tuned", model)
+                    if base_dir:
+                        row["plain_inproc_base"] = inproc_run(index, "base", base_dir)
+            if index < args.cli_repeats:
+                row["plain_cli"] = cli_run(index)
 
             # same scores?
             for entry in tasks:
@@ -463,24 +557,28 @@ def main(argv: list[str] | None = None) -> int:
                     "task": entry["task"],
                     "repeat": index + 1,
                     "engine_vs_inproc": compare(engine_scores, row["plain_inproc_tuned"]["tasks"][entry["task"]]["metrics"], EXACT_TOLERANCE),
-                    "engine_vs_cli": compare(engine_scores, cli_scores[entry["task"]]["metrics"], CLI_TOLERANCE),
                     "engine": engine_scores,
                 }
+                if "plain_stage_like" in row:
+                    checks["engine_vs_stage_like"] = compare(engine_scores, row["plain_stage_like"]["tasks"][entry["task"]]["metrics"], EXACT_TOLERANCE)
+                if "plain_cli" in row:
+                    checks["engine_vs_cli"] = compare(engine_scores, row["plain_cli"]["tasks"][entry["task"]]["metrics"], CLI_TOLERANCE)
                 if base_dir:
                     checks["base_engine_vs_inproc"] = compare(
                         engine_task_scores(results, entry["task"], "base"), row["plain_inproc_base"]["tasks"][entry["task"]]["metrics"], EXACT_TOLERANCE
                     )
                 agreement.append(checks)
-                for name in ("engine_vs_inproc", "engine_vs_cli", "base_engine_vs_inproc"):
+                for name in ("engine_vs_inproc", "engine_vs_stage_like", "engine_vs_cli", "base_engine_vs_inproc"):
                     if name in checks and not checks[name]["same"]:
                         failed = True
                         console.print(f"[bold red]SCORES DIFFER ({name}, {entry['task']}, repeat {index + 1}): "
                                       f"{checks[name].get('differences') or checks[name].get('why')}[/bold red]")  # fmt: skip
             engine_s = row["engine"]["tuned_scoring_s"] if row["engine"]["has_timings"] else row["engine"]["eval_stage_wall_s"]
+            cli_text = f" | plain lm_eval CLI {row['plain_cli']['process_wall_s']:.1f} s" if "plain_cli" in row else ""
             console.print(
                 f"repeat {index + 1}: engine {'tuned_scoring_s' if row['engine']['has_timings'] else 'eval stage wall (no timings)'} "
-                f"{engine_s:.2f} s (process {wall:.1f} s) | plain in-process {row['plain_inproc_tuned']['scoring_s']:.2f} s "
-                f"(process {row['plain_inproc_tuned']['process_wall_s']:.1f} s) | plain lm_eval CLI {cli_total:.1f} s"
+                f"{engine_s:.2f} s (process {row['engine']['process_wall_s']:.1f} s) | plain in-process "
+                f"{row['plain_inproc_tuned']['scoring_s']:.2f} s (process {row['plain_inproc_tuned']['process_wall_s']:.1f} s){cli_text}"
             )
             runs.append(row)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
@@ -499,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_best = best(r["engine"][engine_key] for r in runs)
     inproc_best = best(r["plain_inproc_tuned"]["scoring_s"] for r in runs)
     engine_proc_best = best(r["engine"]["process_wall_s"] for r in runs)
-    cli_best = best(r["plain_cli"]["process_wall_s"] for r in runs)
+    cli_best = best(r["plain_cli"]["process_wall_s"] for r in runs if "plain_cli" in r)
     inproc_proc_best = best(r["plain_inproc_tuned"]["process_wall_s"] for r in runs)
     stage_best = best(r["engine"]["eval_stage_wall_s"] for r in runs)
     ratio = engine_best / inproc_best
@@ -513,8 +611,14 @@ def main(argv: list[str] | None = None) -> int:
         "engine_process_wall_s": engine_proc_best,
         "plain_cli_process_wall_s": cli_best,
         "plain_inproc_process_wall_s": inproc_proc_best,
-        "process_ratio_vs_cli": round(engine_proc_best / cli_best, 3),
+        "process_ratio_vs_cli": round(engine_proc_best / cli_best, 3) if cli_best else None,
+        "engine_process_cpu_s": best(r["engine"]["process_cpu_s"] for r in runs),
+        "plain_inproc_process_cpu_s": best(r["plain_inproc_tuned"]["process_cpu_s"] for r in runs),
+        "plain_inproc_scoring_cpu_s": best(r["plain_inproc_tuned"]["scoring_cpu_s"] for r in runs),
+        "plain_cli_process_cpu_s": best(r["plain_cli"]["process_cpu_s"] for r in runs if "plain_cli" in r),
         "stage_ratio_vs_inproc": round(stage_best / inproc_best, 3) if stage_best else None,
+        "plain_stage_like_scoring_s": best(r["plain_stage_like"]["scoring_s"] for r in runs if "plain_stage_like" in r),
+        "per_repeat_ratios": [round(r["engine"][engine_key] / r["plain_inproc_tuned"]["scoring_s"], 3) for r in runs],
     }
     if args.base == "fresh":
         engine_base = best(r["engine"]["base_scoring_s"] for r in runs)
@@ -523,19 +627,30 @@ def main(argv: list[str] | None = None) -> int:
                         "base_ratio": round(engine_base / inproc_base, 3) if engine_base and inproc_base else None})  # fmt: skip
     met = ratio <= GOAL_RATIO
 
-    table = Table(title=f"eval stage vs plain lm-eval, {len(tasks)} task(s), {items} items, batch {batch_size} (best of {repeats})")
+    table = Table(title=f"eval stage vs plain lm-eval, {len(tasks)} task(s), {items} items each, batch {batch_size} (best of {repeats})")
     table.add_column("what")
     table.add_column("seconds", justify="right")
     table.add_column("runs", justify="right")
     table.add_row(f"engine: {engine_key}", f"{engine_best:.2f}", ", ".join(f"{r['engine'][engine_key]:.2f}" for r in runs))
     table.add_row("plain in-process: load + simple_evaluate", f"{inproc_best:.2f}", ", ".join(f"{r['plain_inproc_tuned']['scoring_s']:.2f}" for r in runs))
+    if figures["plain_stage_like_scoring_s"]:
+        stage_like = figures["plain_stage_like_scoring_s"]
+        table.add_row("plain in-process, called the stage's way", f"{stage_like:.2f}",
+                      ", ".join(f"{r['plain_stage_like']['scoring_s']:.2f}" for r in runs))  # fmt: skip
     table.add_row("[bold]ratio (headline)[/bold]", f"[bold]{ratio:.3f}[/bold]", f"goal {GOAL_RATIO}: {'met' if met else 'MISSED'}")
     if has_timings:
         table.add_row("engine: eval stage wall_time_s", f"{stage_best:.2f}", ", ".join(f"{r['engine']['eval_stage_wall_s']:.2f}" for r in runs))
     table.add_row("engine: `recipe run --force eval` process", f"{engine_proc_best:.1f}", ", ".join(f"{r['engine']['process_wall_s']:.1f}" for r in runs))
-    table.add_row("plain: `lm_eval` CLI process(es)", f"{cli_best:.1f}", ", ".join(f"{r['plain_cli']['process_wall_s']:.1f}" for r in runs))
+    if cli_best:
+        table.add_row("plain: `lm_eval` CLI process(es)", f"{cli_best:.1f}", ", ".join(f"{r['plain_cli']['process_wall_s']:.1f}" for r in runs if "plain_cli" in r))
     table.add_row("plain: in-process worker process", f"{inproc_proc_best:.1f}", ", ".join(f"{r['plain_inproc_tuned']['process_wall_s']:.1f}" for r in runs))
-    table.add_row("process ratio (engine / CLI)", f"{figures['process_ratio_vs_cli']:.3f}", "different work: see the docstring")
+    table.add_row("ratio per repeat (same repeat)", "", ", ".join(f"{x:.3f}" for x in figures["per_repeat_ratios"]))
+    table.add_row("CPU s: engine `recipe run --force eval` process", f"{figures['engine_process_cpu_s']:.1f}", ", ".join(f"{r['engine']['process_cpu_s']:.1f}" for r in runs))
+    table.add_row("CPU s: plain in-process worker process", f"{figures['plain_inproc_process_cpu_s']:.1f}", ", ".join(f"{r['plain_inproc_tuned']['process_cpu_s']:.1f}" for r in runs))
+    if figures["plain_cli_process_cpu_s"]:
+        table.add_row("CPU s: plain `lm_eval` CLI process(es)", f"{figures['plain_cli_process_cpu_s']:.1f}", ", ".join(f"{r['plain_cli']['process_cpu_s']:.1f}" for r in runs if "plain_cli" in r))
+    if figures["process_ratio_vs_cli"] is not None:
+        table.add_row("process ratio (engine / CLI)", f"{figures['process_ratio_vs_cli']:.3f}", "different work: see the docstring")
     if args.base == "fresh":
         table.add_row("base: engine base_scoring_s", str(figures["engine_base_scoring_s"]), "")
         table.add_row("base: plain in-process", str(figures["plain_inproc_base_scoring_s"]), f"ratio {figures['base_ratio']}")
@@ -545,8 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         console.print("[bold red]the engine and plain lm-eval disagree on the scores: see 'agreement' in the JSON[/bold red]")
     else:
+        sides = [f"the in-process worker (relative {RELATIVE_TOLERANCE:g})"]
+        if any("engine_vs_stage_like" in a for a in agreement):
+            sides.append("the stage-like worker")
+        if any("engine_vs_cli" in a for a in agreement):
+            sides.append("the lm_eval CLI (4 decimals)")
         console.print(f"scores agree ({', '.join(sorted({k for a in agreement for k in a['engine_vs_inproc'].get('compared', [])}))}) "
-                      "between the engine, the in-process worker (exactly) and the lm_eval CLI (4 decimals)")  # fmt: skip
+                      f"between the engine and {', '.join(sides)}")  # fmt: skip
 
     command = "RECIPE_DATA_PATH=../shared/data .venv/bin/python bench/eval_overhead.py" + "".join(
         f" {shlex.quote(arg)}" for arg in (argv if argv is not None else sys.argv[1:])
