@@ -97,7 +97,7 @@ class TrainConfig(BaseModel):
 
     method: Literal["lora", "qlora", "full"] = Field(
         "lora",
-        description="lora: a low-rank adapter on a frozen base; qlora: the same on a 4-bit (bitsandbytes nf4) base; full: every weight is trained.",
+        description="How to fine-tune: lora = a low-rank adapter on a frozen base; qlora = the same on a 4-bit (bitsandbytes nf4) base; full = every weight is trained.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings (methods lora and qlora).")
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings, description="4-bit base settings (method qlora).")
