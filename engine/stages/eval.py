@@ -99,12 +99,16 @@ class EvalConfig(BaseModel):
         return self
 
 
+def recipe_dir(recipe: Any) -> Optional[Path]:
+    """The folder relative paths in the recipe resolve against (None for a recipe built in code)."""
+    return recipe.source_dir() if hasattr(recipe, "source_dir") else None
+
+
 def eval_inputs(recipe: Any) -> dict:
     """The base model's bytes and, when interviews run, the question file's (the shipped set's too)."""
     inputs = {"base_model": base_model_input(recipe.model)}
     if recipe.eval.interviews.enabled:
-        source_dir = recipe.source_dir() if hasattr(recipe, "source_dir") else None
-        inputs["questions"] = question_file(recipe.eval.interviews, source_dir)
+        inputs["questions"] = question_file(recipe.eval.interviews, recipe_dir(recipe))
     return inputs
 
 
@@ -642,11 +646,11 @@ def run_eval(ctx: StageContext) -> dict:
 
     # interviews (and the judge, which can fail on a remote endpoint) first: a failure costs no scoring
     interviews = judged = None
-    recipe_dir = ctx.recipe.source_dir() if hasattr(ctx.recipe, "source_dir") else None
+    folder = recipe_dir(ctx.recipe)
     if cfg.interviews.enabled:
-        interviews = run_interviews(tuned_dir, cfg.interviews, ctx.out, console, recipe_dir=recipe_dir, trust_remote_code=trust, character=ctx.recipe.character)
+        interviews = run_interviews(tuned_dir, cfg.interviews, ctx.out, console, recipe_dir=folder, trust_remote_code=trust, character=ctx.recipe.character)
         if cfg.judge.enabled:
-            judged = judge_interviews(read_interviews(ctx.out / "interviews.jsonl"), ctx.recipe.character, cfg.judge, ctx.out, console, recipe_dir=recipe_dir)
+            judged = judge_interviews(read_interviews(ctx.out / "interviews.jsonl"), ctx.recipe.character, cfg.judge, ctx.out, console, recipe_dir=folder)
     task_files = [path for task in tasks for path in task.folder.iterdir()]
     key = base_cache_key(task_files, ctx.recipe)
     cached_file = cache_root() / "eval-base" / f"{key}.json"
