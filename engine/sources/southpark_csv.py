@@ -32,6 +32,11 @@ class SouthParkCSVConfig(BaseModel):
 
     kind: Literal["southpark_csv"] = Field(..., description="Source kind: the South Park scripts CSV (Kaggle schema).")
     data: DataRef = Field(..., description="The CSV file, e.g. All-seasons.csv or by-season/Season-1.csv.")
+    extra_data: list[DataRef] = Field(
+        default_factory=list,
+        description="More CSV files of the same schema, read after `data` (e.g. by-season/Season-19.csv, whose episodes "
+        "All-seasons.csv lacks); an episode already read from an earlier file is refused.",
+    )
     seasons: Optional[list[int]] = Field(
         None, description="Keep only these seasons (e.g. [1, 2]); all seasons when omitted."
     )
@@ -85,10 +90,30 @@ def _clean_line(text: str) -> str:
     return _NEWLINES_INSIDE.sub(" ", text.rstrip(" \t\r\n"))
 
 
-@register_source("southpark_csv", config=SouthParkCSVConfig, files=lambda c: {"data": c.data})
+def _files(config: SouthParkCSVConfig) -> dict[str, DataRef]:
+    return {"data": config.data, **{f"extra_data_{i}": ref for i, ref in enumerate(config.extra_data)}}
+
+
+@register_source("southpark_csv", config=SouthParkCSVConfig, files=_files)
 def read_southpark_csv(config: SouthParkCSVConfig, inputs: dict[str, InputFile], console: Any) -> Iterator[dict]:
-    """One turn per CSV row of a South Park scripts file; each episode is a scene (s01e05)."""
-    path = inputs["data"].path
+    """One turn per CSV row of each South Park scripts file, in order; each episode is a scene (s01e05)."""
+    seen: dict[str, str] = {}  # scene -> the file it came from
+    for name in _files(config):
+        earlier = dict(seen)
+        for turn in _read_file(inputs[name].path, config):
+            first_file = earlier.get(turn["scene"])
+            if first_file is not None:
+                raise DataError(
+                    str(inputs[name].path),
+                    f"episode {turn['scene']} was already read from {first_file}",
+                    row=None,
+                    fix="list each season in one file only (All-seasons.csv holds seasons 1-18; add only by-season files it lacks)",
+                )
+            seen[turn["scene"]] = str(inputs[name].path)
+            yield turn
+
+
+def _read_file(path: Any, config: SouthParkCSVConfig) -> Iterator[dict]:
     file = str(path)
     text = _decode(path.read_bytes(), file)
     if not text.strip():

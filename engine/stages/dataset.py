@@ -6,11 +6,15 @@ and the line itself as `completion` (no EOS: TRL appends the tokenizer's). Whole
 by a seeded hash of the scene id, so a scene's split never changes when other data is added, and no scene is
 in both splits. Samples longer than `max_length` tokens lose their oldest context turns until they fit.
 
+Each training sample also carries `other_lines`: up to 8 lines other speakers say in the same scene (never a
+duplicate of the character's line), from which the train stage's preference phase draws rejected replies.
+
 Output: `data/` (a datasets.DatasetDict with `train` and `heldout`, Arrow on disk) and `preview.md`.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -100,6 +104,26 @@ def heldout_scene_ids(scene_ids: list[str], cfg: DatasetConfig) -> set[str]:
     return {scene for scene in scene_ids if scene_draw(scene, cfg.split_seed) < cfg.heldout_fraction}
 
 
+OTHER_LINES = 8  # per training sample: the preference phase draws its rejected replies from these
+
+
+def other_speaker_lines(turns: list[dict], name: str, completion: str, rng: random.Random) -> list[str]:
+    """Up to OTHER_LINES distinct lines that other speakers say in the same scene, none a (near-)duplicate of
+    the character's line: the rejected replies of a preference pair ("same context, another speaker")."""
+    pool = sorted({str(t["text"]) for t in turns if t["speaker"] != name and str(t["text"]).strip()})
+    rng.shuffle(pool)
+    picked: list[str] = []
+    target = " ".join(completion.lower().split())
+    for line in pool:
+        candidate = " ".join(line.lower().split())
+        if candidate == target or difflib.SequenceMatcher(None, candidate, target).ratio() >= 0.9:
+            continue
+        picked.append(line)
+        if len(picked) == OTHER_LINES:
+            break
+    return picked
+
+
 def _percentile(sorted_values: list[int], q: float) -> int:
     if not sorted_values:
         return 0
@@ -133,7 +157,7 @@ def write_preview(path: Path, samples: list[dict], template: str, character: str
 @register_stage(
     "dataset",
     config=DatasetConfig,
-    version="1",
+    version="2",
     reads=("dataset", "character", "model"),
     needs=("clean",),
     libraries=("transformers", "tokenizers", "datasets", "jinja2"),
@@ -207,6 +231,9 @@ def run_dataset(ctx: StageContext) -> dict:
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += was_trimmed
+            # held-out samples get none: nothing of a held-out scene may ever reach training
+            rng = random.Random(f"{cfg.split_seed}\0{scene}\0{turn['index']}")
+            others = other_speaker_lines(turns, name, completion, rng) if split == "train" else []
             splits[split].append(
                 {
                     "scene": scene,
@@ -214,6 +241,7 @@ def run_dataset(ctx: StageContext) -> dict:
                     "completion": completion,
                     "context": [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in context],
                     "turn_index": int(turn["index"]),
+                    "other_lines": others,
                     "_ids": ids,
                 }
             )
@@ -245,6 +273,7 @@ def run_dataset(ctx: StageContext) -> dict:
             "completion": Value("string"),
             "context": List({"speaker": Value("string"), "text": Value("string")}),
             "turn_index": Value("int64"),
+            "other_lines": List(Value("string")),
         }
     )
     columns = list(features)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.errors import StageError
 from engine.models import base_model_input, resolve_base_model
+from engine.preference import PreferenceSettings
 from engine.registry import StageContext, register_stage
 from engine.trl_fields import SFT_CONFIG_FIELDS
 
@@ -134,6 +135,10 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Compute the loss on the held-out split every this many steps (and at the end); null = never."
     )
     seed: int = Field(0, description="Seed for the adapter's initialisation and the data order.")
+    preference: PreferenceSettings = Field(
+        default_factory=PreferenceSettings,
+        description="Optional preference phase after SFT (TRL DPOTrainer): the character's real line preferred over another speaker's line in the same context.",
+    )
     sft_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further TRL SFTConfig fields, passed through as given (e.g. {neftune_noise_alpha: 5, torch_compile: true}); "
@@ -458,7 +463,37 @@ def load_training_model(cfg: TrainConfig, base_path: Path, precision: str, trust
 def train_process(spec: dict, console: Any) -> dict:
     """Train in this process (alone, or as one rank of a launched group). Every rank calls it; rank 0 writes
     the reports. `spec` is plain JSON (train_worker.py reads it from a file): config, model_path, dataset,
-    out, key, resume, deepspeed, launcher, recipe_name, trust_remote_code."""
+    out, key, resume, deepspeed, launcher, recipe_name, trust_remote_code.
+
+    With a preference phase, SFT writes `<out>/sft` (marked complete with the train key) and the phase writes
+    the final adapter; a rerun after a crash in the phase skips the finished SFT."""
+    cfg = TrainConfig.model_validate(spec["config"])
+    if cfg.preference.method == "none":
+        return sft_phase(spec, console)
+    from engine.preference import run_preference_phase
+
+    out = Path(spec["out"])
+    marker = out / "sft" / KEY_FILE
+    try:
+        finished = json.loads(marker.read_text()).get("key") == spec["key"]
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    if finished:
+        console.print("SFT already finished in an earlier attempt (sft/ carries this train key): going on with the preference phase")
+        sft_metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    else:
+        shutil.rmtree(out / "sft", ignore_errors=True)
+        sft_metrics = sft_phase(spec, console)
+        if int(os.environ.get("RANK", "0")) == 0:
+            from engine.cache import write_json_atomic
+
+            write_json_atomic(marker, {"key": spec["key"]})
+    return run_preference_phase(spec, cfg, sft_metrics, console)
+
+
+def sft_phase(spec: dict, console: Any) -> dict:
+    """Supervised fine-tuning with TRL's SFTTrainer; the result goes to adapter/ (or model/), or to sft/ when
+    a preference phase follows."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # bitsandbytes (imported by PEFT) tries to fetch a CPU kernel from the Hub on import and logs a warning
@@ -607,7 +642,7 @@ def train_process(spec: dict, console: Any) -> dict:
     loop_seconds = float(result.metrics.get("train_runtime") or runtime)  # the Trainer's own clock: the training loop
 
     # every rank takes part in saving (DeepSpeed ZeRO-3 gathers the shards); only the main one writes files
-    saved = out / ("model" if cfg.method == "full" else "adapter")
+    saved = out / ("sft" if cfg.preference.method != "none" else "model" if cfg.method == "full" else "adapter")
     trainer.save_model(str(saved))
     if not is_main:
         return {}
@@ -748,9 +783,12 @@ def run_train(ctx: StageContext) -> dict:
     else:
         check_launcher_possible(launch)
         metrics = launched_training(spec, launch, console)
+    preference = metrics.get("preference") or {}
     return {
         "method": metrics["method"],
         "steps": metrics["steps"],
+        **({"preference": preference["method"], "preference_steps": preference["steps"], "preference_final_loss": preference["final_loss"],
+            "preference_reward_accuracy": preference["reward_accuracy_last_quarter"]} if preference else {}),
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["final_loss"],
         "final_eval_loss": metrics["final_eval_loss"],

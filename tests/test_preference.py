@@ -1,0 +1,119 @@
+"""The train stage's preference phase (TRL DPOTrainer after SFT) on a tiny model: pairs come from training
+scenes only, the phase learns to prefer the character's line, writes its reports and final adapter, and a
+rerun after a crash in the phase does not redo the finished SFT.
+
+    python -m pytest -q tests/test_preference.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from engine.preference import PreferenceSettings, build_pairs
+from engine.stages.train import KEY_FILE, TrainConfig, run_train
+from test_stage_train import LEARNABLE_MODEL, TRAIN_KEY, build_dataset, make_ctx, recording_console, tokenizer  # noqa: F401 (a fixture)
+
+OTHERS = ["Away, you scullion!", "I'll tickle your catastrophe.", "Peace, ye fat guts!", "Thou art a blasted fool."]
+
+
+@pytest.fixture(scope="module")
+def pair_dataset_dir(tmp_path_factory, tokenizer) -> Path:
+    """The train test's fake dataset, each training sample with other speakers' lines as the dataset stage writes them."""
+    from datasets import load_from_disk
+
+    plain = build_dataset(tmp_path_factory.mktemp("plain"), tokenizer)
+    data = load_from_disk(str(plain / "data"))
+    data["train"] = data["train"].add_column("other_lines", [OTHERS[i % 4 :] + OTHERS[: i % 4] for i in range(len(data["train"]))])
+    data["heldout"] = data["heldout"].add_column("other_lines", [[] for _ in range(len(data["heldout"]))])
+    folder = tmp_path_factory.mktemp("pairs")
+    data.save_to_disk(str(folder / "data"))
+    return folder
+
+
+def test_settings_defaults_and_errors():
+    settings = TrainConfig().preference
+    assert settings.method == "none" and settings.beta == 0.1 and settings.rejected_from == "same_scene"
+    assert PreferenceSettings(method="dpo").peak_learning_rate("lora") == 5e-5
+    assert PreferenceSettings(method="dpo").peak_learning_rate("full") == 5e-7
+    with pytest.raises(ValidationError, match="preference.method"):
+        TrainConfig(preference={"method": "orpo"})
+    with pytest.raises(ValidationError, match="pairs_per_sample"):
+        TrainConfig(preference={"method": "dpo", "pairs_per_sample": 0})
+    for field in PreferenceSettings.model_fields.values():
+        assert field.description
+
+
+def test_pairs_come_from_the_samples_own_scene_and_never_repeat_the_line():
+    train = {
+        "prompt": ["p1", "p2", "p3"],
+        "completion": ["mine one", "mine two", "mine three"],
+        "other_lines": [["a1", "a2", "a3"], ["b1", "b2"], []],
+    }
+    pairs = build_pairs(train, PreferenceSettings(method="dpo", pairs_per_sample=2), seed=0)
+    assert len(pairs) == 4  # the third sample has no other speaker in its scene: no pair
+    assert {p["rejected"] for p in pairs if p["prompt"] == "p1"} <= {"a1", "a2", "a3"}
+    assert {p["rejected"] for p in pairs if p["prompt"] == "p2"} == {"b1", "b2"}
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert pairs == build_pairs(train, PreferenceSettings(method="dpo", pairs_per_sample=2), seed=0)  # seeded
+    anywhere = build_pairs(train, PreferenceSettings(method="dpo", rejected_from="any_scene"), seed=1)
+    assert len(anywhere) == 3 and {p["rejected"] for p in anywhere} <= {"a1", "a2", "a3", "b1", "b2"}
+    capped = build_pairs(train, PreferenceSettings(method="dpo", pairs_per_sample=2, max_pairs=3), seed=0)
+    assert len(capped) == 3
+
+
+def test_dpo_after_sft_learns_and_reports(tmp_path, pair_dataset_dir):
+    cfg = TrainConfig(
+        max_steps=4, save_steps=100, batch_size=4, learning_rate=1e-2, logging_steps=1, max_length=128,
+        lora={"target_modules": "all-linear"},
+        preference={"method": "dpo", "max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "beta": 0.5},
+    )  # fmt: skip
+    console = recording_console()
+    out = tmp_path / "train"
+    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+
+    assert summary["steps"] == 4 and summary["preference"] == "dpo" and summary["preference_steps"] == 12
+    metrics = json.loads((out / "metrics.json").read_text())
+    phase = metrics["preference"]
+    assert phase["pairs"] == 24 and phase["first_loss"] == pytest.approx(0.6931, abs=0.01)  # policy == reference at step 1
+    assert phase["final_loss"] < 0.5 * phase["first_loss"], phase  # the repeated pairs are learned
+    assert phase["reward_accuracy_last_quarter"] > 0.9
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "tokenizer_config.json").is_file()
+    assert not (out / "adapter" / "ref").exists(), "TRL's frozen reference adapter must not be exported"
+    assert (out / "sft" / "adapter_model.safetensors").is_file()  # the SFT adapter stays for comparison
+    assert (out / "preference.png").read_bytes()[:4] == b"\x89PNG" and (out / "loss.png").is_file()
+    assert not (out / "preference_checkpoints").exists()
+    text = console.export_text()
+    assert "reference = the SFT model" in text and "first pair" in text
+
+
+def test_rerun_after_a_crash_in_the_phase_skips_the_finished_sft(tmp_path, pair_dataset_dir, monkeypatch):
+    import engine.stages.train as train_module
+
+    cfg = TrainConfig(
+        max_steps=2, save_steps=100, batch_size=4, max_length=128,
+        preference={"method": "dpo_sft", "max_steps": 2, "batch_size": 4},
+    )  # fmt: skip
+    out = tmp_path / "train"
+    real_sft = train_module.sft_phase
+
+    def sft_then_crash(spec, console):
+        real_sft(spec, console)
+        raise KeyboardInterrupt  # the kill arrives once SFT is written, before the phase starts
+
+    monkeypatch.setattr(train_module, "sft_phase", sft_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(make_ctx(out, pair_dataset_dir, cfg, recording_console(), LEARNABLE_MODEL))
+    assert not (out / "sft" / KEY_FILE).exists(), "an SFT cut off before it returned is not marked finished"
+
+    monkeypatch.setattr(train_module, "sft_phase", lambda spec, console: (_ for _ in ()).throw(AssertionError("SFT ran again")))
+    (out / "sft").mkdir(exist_ok=True)
+    # what a finished SFT leaves: its weights (from the first attempt), its metrics and the marker with this key
+    (out / "sft" / KEY_FILE).write_text(json.dumps({"key": TRAIN_KEY}))
+    console = recording_console()
+    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+    assert summary["preference"] == "dpo_sft" and summary["preference_steps"] == 2
+    assert "SFT already finished" in console.export_text()
