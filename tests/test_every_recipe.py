@@ -36,3 +36,32 @@ def test_recipe_runs_end_to_end_with_smoke(path, tmp_path):
         assert cache.read_record(run_dir / name)["key"] == lock["stages"][name]["key"]
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert summary["items"] > 0 and summary["chance"] > 0
+    if path.stem == "southpark_cartman":
+        check_no_heldout_episode_reaches_training(run_dir)
+
+
+def check_no_heldout_episode_reaches_training(run_dir: Path) -> None:
+    """Season 19 (held out, from its own file) gives no training sample and no rejected line of the preference
+    phase; every rejected line is another speaker's line from the sample's own training episode."""
+    from datasets import load_from_disk
+
+    turns = [json.loads(line) for line in (run_dir / "clean" / "turns.jsonl").read_text().splitlines() if line.strip()]
+    scenes = {turn["scene"] for turn in turns}
+    assert any(scene.startswith("s19e") for scene in scenes) and any(scene.startswith("s18e") for scene in scenes)
+    said_in: dict[str, set[str]] = {}
+    for turn in turns:
+        if turn["speaker"] != "Cartman":
+            said_in.setdefault(turn["text"], set()).add(turn["scene"])
+    data = load_from_disk(str(run_dir / "dataset" / "data"))
+    assert data["train"].num_rows and data["heldout"].num_rows
+    assert all(scene.startswith("s19e") for scene in data["heldout"]["scene"])
+    assert not any(scene.startswith("s19e") for scene in data["train"]["scene"])
+    assert all(not others for others in data["heldout"]["other_lines"])
+    rejected = 0
+    for scene, others in zip(data["train"]["scene"], data["train"]["other_lines"]):
+        for line in others:
+            assert scene in said_in.get(line, set()), (scene, line)
+            rejected += 1
+    assert rejected > 0
+    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
+    assert metrics["preference"]["method"] == "dpo" and metrics["preference"]["steps"] == 2

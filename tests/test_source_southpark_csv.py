@@ -183,3 +183,24 @@ def test_short_row(tmp_path: Path) -> None:
     path.write_text('Season,Episode,Character,Line\n1,1,Cartman\n', encoding="utf-8")
     with pytest.raises(DataError, match=r":2: the row has 3 field\(s\), expected 4"):
         read(path)
+
+
+def test_extra_data_adds_season_19_and_refuses_an_episode_read_twice(all_seasons: list[dict]) -> None:
+    season_19 = shared_file(f"{SOUTHPARK}/by-season/Season-19.csv")
+    season_1 = shared_file(f"{SOUTHPARK}/by-season/Season-1.csv")
+    every = shared_file(f"{SOUTHPARK}/All-seasons.csv")
+
+    def read_with(extra: Path) -> list[dict]:
+        config = SouthParkCSVConfig(kind="southpark_csv", data={"path": every.name}, extra_data=[{"path": extra.name}])
+        inputs = {"data": InputFile(path=every, sha256="0" * 64), "extra_data_0": InputFile(path=extra, sha256="0" * 64)}
+        return list(read_southpark_csv(config, inputs, None))
+
+    turns = read_with(season_19)
+    assert turns[: len(all_seasons)] == all_seasons
+    added = turns[len(all_seasons) :]
+    assert len({t["scene"] for t in added}) == 10 and all(t["scene"].startswith("s19e") for t in added)
+    assert Counter(t["speaker"] for t in added)["Cartman"] == 247
+    with pytest.raises(DataError) as error:
+        read_with(season_1)  # season 1 is in All-seasons.csv already
+    assert str(error.value).startswith(f"{season_1}: episode s01e01 was already read from {every}")
+    assert "fix: list each season in one file only" in str(error.value)

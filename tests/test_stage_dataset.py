@@ -80,7 +80,7 @@ def test_windows_split_by_scene(tmp_path, base_model):
     summary = run_dataset(ctx)
     data = load(ctx)
     train, heldout = data["train"], data["heldout"]
-    assert set(train.column_names) == {"scene", "prompt", "completion", "context", "turn_index"}
+    assert set(train.column_names) == {"scene", "prompt", "completion", "context", "turn_index", "other_lines"}
 
     # 3 lines of Cartman a scene; the first has no context and is skipped
     assert summary["skipped_no_context"] == 10
@@ -100,6 +100,10 @@ def test_windows_split_by_scene(tmp_path, base_model):
         assert all(row["scene"] in c["text"] for c in row["context"])  # never across scenes
         assert row["prompt"].endswith("<|im_start|>assistant\n") and "SmolLM" not in row["prompt"]
         assert expected[-1]["text"] in row["prompt"]
+    for row in train:  # the preference phase's rejected lines: other speakers, same (training) scene
+        scene_others = {t["text"] for t in turns if t["scene"] == row["scene"] and t["speaker"] != "Cartman"}
+        assert len(row["other_lines"]) == 4 and set(row["other_lines"]) == scene_others
+    assert all(row["other_lines"] == [] for row in heldout)  # nothing of a held-out scene can reach training
 
     preview = (ctx.out / "preview.md").read_text()
     assert preview.count("### prompt") == 3 and train[0]["completion"] in preview
@@ -162,3 +166,19 @@ def test_empty_split_says_how_to_fix_it(tmp_path, base_model):
     ctx = make_ctx(tmp_path, base_model, corpus(2), heldout_fraction=0.0)
     with pytest.raises(StageError, match=r"the heldout split is empty .*fix: raise dataset.heldout_fraction"):
         run_dataset(ctx)
+
+
+def test_other_lines_skip_near_duplicates_of_the_characters_line():
+    import random
+
+    from engine.stages.dataset import OTHER_LINES, other_speaker_lines
+
+    turns = [
+        {"speaker": "Stan", "text": "Screw you guys, I'm going home!"},  # the line itself, said by someone else
+        {"speaker": "Kyle", "text": "Screw you guys, I'm going home."},  # a near-duplicate
+        {"speaker": "Cartman", "text": "Respect my authoritah!"},  # the character's own other line
+        *({"speaker": "Kenny", "text": f"Mmph {i}"} for i in range(12)),
+    ]
+    picked = other_speaker_lines(turns, "Cartman", "Screw you guys, I'm going home!", random.Random(0))
+    assert len(picked) == OTHER_LINES and all(line.startswith("Mmph") for line in picked)
+    assert picked == other_speaker_lines(turns, "Cartman", "Screw you guys, I'm going home!", random.Random(0))

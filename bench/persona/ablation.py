@@ -1,0 +1,172 @@
+"""Persona ablation: which training choices make the tuned model beat its base on held-out episodes.
+
+Each row is the recipe with a few `--set` overrides, run through the engine (`recipe run`) into its own run
+folder, scored by the eval stage's next-line task only (K = 3 distractors spoken by other characters in the
+same held-out episode; acc, acc_norm, acc_mutual_info with standard errors, and the paired gain). Finished
+rows are cache hits, so rerunning the script only runs what is new. Results go to
+bench/persona/ablation.json, ablation.md (a table with the command of each row) and ablation.png.
+
+    python bench/persona/ablation.py                          # every row of the Cartman table
+    python bench/persona/ablation.py --rows sft,sft_dpo       # some rows
+    python bench/persona/ablation.py --recipe recipes/shakespeare_falstaff.yaml --table falstaff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+# only the next-line task is scored, without the adapter check, samples or interviews: same items for every row
+EVAL_ONLY_NEXT_LINE = (
+    "eval.tasks=[next_line]", "eval.check_adapter=false", "eval.interviews.enabled=false", "eval.sample_replies=0",
+)  # fmt: skip
+
+TABLES: dict[str, dict] = {
+    "cartman": {
+        "recipe": "recipes/southpark_cartman.yaml",
+        "rows": {
+            "sft": ("SFT only (80 steps x 8, LoRA r16 attention, lr 2e-4)", ["train.preference.method=none"]),
+            "sft_dpo": ("recipe default: SFT 80 steps, then DPO 60 steps x 8 pairs (beta 0.1, lr 2e-4)", []),
+            "sft_dpo_sft": ("SFT, then DPO + NLL of the chosen line (RPO-style)", ["train.preference.method=dpo_sft"]),
+            "sft_dpo_any": ("SFT, then DPO with rejected lines from any training episode", ["train.preference.rejected_from=any_scene"]),
+            "sft_dpo_long": ("SFT, then DPO 150 steps", ["train.preference.max_steps=150"]),
+        },
+    },
+    "falstaff": {
+        "recipe": "recipes/shakespeare_falstaff.yaml",
+        "rows": {
+            "sft": ("SFT only", ["train.preference.method=none"]),
+            "sft_dpo": ("recipe default: SFT then DPO", []),
+        },
+    },
+}
+
+
+def run_row(recipe: str, run_dir: Path, overrides: list[str], log: Path) -> float:
+    command = [sys.executable, "-m", "engine.cli", "run", recipe, "--run-dir", str(run_dir)]
+    for item in (*overrides, *EVAL_ONLY_NEXT_LINE):
+        command += ["--set", item]
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if done.returncode != 0:
+        raise SystemExit(f"row failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def read_row(run_dir: Path) -> dict:
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    task = next(t for t in results["tasks"].values() if t["kind"] == "next_line")
+    train = json.loads((run_dir / "train" / "metrics.json").read_text())
+    preference = train.get("preference") or {}
+    row = {
+        "items": task["items"],
+        "chance": task["chance"],
+        "gain_acc": task["comparison"]["diff"],
+        "gain_paired_se": task["comparison"]["paired_se"],
+        "outcome": task["comparison"]["outcome"],
+        "sft_s": train["train_runtime_s"],
+        "preference_s": preference.get("train_runtime_s", 0.0),
+        "preference_reward_accuracy": preference.get("reward_accuracy_last_quarter"),
+    }
+    for model in ("base", "tuned"):
+        for metric in ("acc", "acc_norm", "acc_mutual_info"):
+            if metric in task[model]:
+                row[f"{model}_{metric}"] = task[model][metric]
+                row[f"{model}_{metric}_se"] = task[model].get(f"{metric}_stderr")
+    return row
+
+
+def pct(value: float | None, se: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
+    lines = [
+        f"# Persona ablation: {table} ({recipe})",
+        "",
+        "Next-line accuracy on held-out episodes (the real line vs 3 lines of other characters in the same episode; chance 25 %),",
+        "base vs tuned on the same items, in percent ± standard error. Gain = tuned - base acc with its paired standard error.",
+        "Train time: SFT + preference phase, seconds of the training loop on this machine's 2 cores.",
+        "",
+        "| row | what | acc base → tuned | gain (paired SE) | acc_norm base → tuned | acc_mutual_info base → tuned | train s | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['what']} | {pct(row['base_acc'], row['base_acc_se'])} → {pct(row['tuned_acc'], row['tuned_acc_se'])} "
+            f"| {100 * row['gain_acc']:+.1f} ({100 * row['gain_paired_se']:.1f}) "
+            f"| {pct(row.get('base_acc_norm'))} → {pct(row.get('tuned_acc_norm'))} "
+            f"| {pct(row.get('base_acc_mutual_info'))} → {pct(row.get('tuned_acc_mutual_info'))} "
+            f"| {row['sft_s'] + row['preference_s']:.0f} | `{row['command']}` |"
+        )
+    lines += ["", f"Items per row: {', '.join(sorted({str(r['items']) for r in rows.values()}))}.", ""]
+    (HERE / f"{table}_ablation.md").write_text("\n".join(lines), encoding="utf-8")
+    (HERE / f"{table}_ablation.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 4))
+    for offset, model in ((-0.2, "base"), (0.2, "tuned")):
+        ax.bar([i + offset for i in range(len(names))], [100 * rows[n][f"{model}_acc"] for n in names], width=0.4,
+               yerr=[100 * (rows[n][f"{model}_acc_se"] or 0) for n in names], capsize=3, label=model)  # fmt: skip
+    ax.axhline(100 * next(iter(rows.values()))["chance"], color="grey", linestyle=":", label="chance")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("next-line acc on held-out episodes (%)")
+    ax.set_title(f"{table}: base vs tuned per training choice")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / f"{table}_ablation.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=sorted(TABLES), default="cartman")
+    parser.add_argument("--rows", default="", help="comma-separated row names (default: all rows of the table)")
+    parser.add_argument("--runs", default="runs/persona", help="folder of the rows' run folders")
+    parser.add_argument("--report-only", action="store_true", help="only collect finished rows into the report")
+    args = parser.parse_args()
+    spec = TABLES[args.table]
+    wanted = [r for r in args.rows.split(",") if r] or list(spec["rows"])
+    collected_path = HERE / f"{args.table}_ablation.json"
+    collected = json.loads(collected_path.read_text()) if collected_path.is_file() else {}
+    for name in wanted:
+        what, overrides = spec["rows"][name]
+        run_dir = ROOT / args.runs / f"{args.table}_{name}"
+        if not args.report_only:
+            log = ROOT / args.runs / f"{args.table}_{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"{name}: {what} ... (log {log.relative_to(ROOT)})", flush=True)
+            wall = run_row(spec["recipe"], run_dir, overrides, log)
+            print(f"{name}: done in {wall:.0f} s", flush=True)
+        if not (run_dir / "eval" / "results.json").is_file():
+            continue
+        command = "recipe run " + spec["recipe"] + "".join(f" --set {shlex.quote(o)}" for o in (*overrides, *EVAL_ONLY_NEXT_LINE))
+        collected[name] = {"what": what, "command": command, **read_row(run_dir)}
+        row = collected[name]
+        print(f"{name}: acc {pct(row['base_acc'])} -> {pct(row['tuned_acc'])}, gain {100 * row['gain_acc']:+.1f} ± {100 * row['gain_paired_se']:.1f}")
+    order = list(spec["rows"])
+    collected = {name: collected[name] for name in order if name in collected}
+    if collected:
+        write_report(args.table, spec["recipe"], collected)
+        print(f"wrote bench/persona/{args.table}_ablation.md / .json / .png")
+
+
+if __name__ == "__main__":
+    main()
