@@ -131,6 +131,9 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
             "train", f"train.preference.batch_size={settings.batch_size} does not divide among {world} processes; use a multiple of {world}"
         )
 
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 writes sft/ (tokenizer, marker) after the others have saved their part
+
     train = load_from_disk(spec["dataset"], keep_in_memory=True)["train"]
     if "other_lines" not in train.column_names:
         raise StageError("train", "the dataset has no other_lines column (it was built by an older engine); rerun with --force dataset")
