@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -117,6 +116,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         peak_rss_mb,
         record_key_callback,
         resolve_precision,
+        shared_trainer_args,
     )
 
     settings: PreferenceSettings = cfg.preference
@@ -158,32 +158,13 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         output_dir=str(out / "preference_checkpoints"),
         max_steps=settings.max_steps,
         learning_rate=settings.peak_learning_rate(cfg.method),
-        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=min(cfg.warmup_steps, settings.max_steps // 4),
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optimizer,
-        max_grad_norm=cfg.max_grad_norm,
         per_device_train_batch_size=settings.batch_size // world,
         max_length=cfg.max_length,
         beta=settings.beta,
         loss_type=loss_type,
         loss_weights=[1.0, settings.sft_weight] if len(loss_type) == 2 else None,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        use_cpu=not cuda,
-        ddp_backend="gloo" if world > 1 and not cuda else None,
-        deepspeed=spec.get("deepspeed"),
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        disable_tqdm=not sys.stderr.isatty() or not is_main,
+        **shared_trainer_args(cfg, spec, precision, cuda, world, is_main),
     )
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,

@@ -460,6 +460,32 @@ def load_training_model(cfg: TrainConfig, base_path: Path, precision: str, trust
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 
+def shared_trainer_args(cfg: "TrainConfig", spec: dict, precision: str, cuda: bool, world: int, is_main: bool) -> dict:
+    """The TrainingArguments fields SFT and the preference phase set the same way (hardware, checkpoints, logs)."""
+    return dict(
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        use_cpu=not cuda,
+        ddp_backend="gloo" if world > 1 and not cuda else None,
+        deepspeed=spec.get("deepspeed"),
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        disable_tqdm=not sys.stderr.isatty() or not is_main,  # a log file gets one line per logging step instead of a bar
+    )
+
+
 def train_process(spec: dict, console: Any) -> dict:
     """Train in this process (alone, or as one rank of a launched group). Every rank calls it; rank 0 writes
     the reports. `spec` is plain JSON (train_worker.py reads it from a file): config, model_path, dataset,
@@ -556,11 +582,7 @@ def sft_phase(spec: dict, console: Any) -> dict:
         max_steps=cfg.max_steps if cfg.max_steps else -1,
         num_train_epochs=cfg.num_epochs if not cfg.max_steps else 1.0,
         learning_rate=cfg.peak_learning_rate(),
-        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optimizer,
-        max_grad_norm=cfg.max_grad_norm,
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -569,26 +591,11 @@ def sft_phase(spec: dict, console: Any) -> dict:
         packing=cfg.packing,
         padding_free=cfg.padding_free,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,  # the new name of gradient_checkpointing
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if heldout is not None else "no",
         eval_steps=cfg.eval_steps if heldout is not None else None,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
         include_num_input_tokens_seen="non_padding",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        use_cpu=not cuda,
-        ddp_backend="gloo" if world > 1 and not cuda else None,
-        deepspeed=spec.get("deepspeed"),
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
-        disable_tqdm=not sys.stderr.isatty() or not is_main,  # a log file gets one line per logging step instead of a bar
+        **shared_trainer_args(cfg, spec, precision, cuda, world, is_main),
         **cfg.sft_args,
     )
 
