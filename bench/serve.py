@@ -8,7 +8,8 @@ into runs/bench_serve (the real SmolLM2-135M weights, a barely trained LoRA merg
 speed as the full recipe's export). Then, for each server in turn (fp32 on the CPU, or --device cuda):
 time to first token and decode tokens/s of one streaming client (median of --repeats), and aggregate
 throughput with 1, 4 and 8 concurrent streaming clients; finally the resident memory (RSS) of `recipe serve`
-loaded at nf4, int8 and fp32, after one request. Every client is the official `openai` package; replies are
+loaded at nf4, int8 and fp32, after one request, and what the model alone adds to a process's RSS (measured
+with the server's Engine in a fresh process: RSS after loading and one reply minus RSS before loading). Every client is the official `openai` package; replies are
 greedy (temperature 0) and their tokens are counted with the model's tokenizer, the same way for both servers.
 Figures go to bench/serve.json.
 """
@@ -149,6 +150,39 @@ def memory(export: Path, precision: str, device: str, tokenizer) -> dict:
         proc.wait(15)
 
 
+# Loads one character with the server's own Engine in a fresh process and prints what the model adds to the
+# process: resident memory (RSS) after loading and one 16-token reply, minus the RSS once torch, transformers
+# and bitsandbytes and the model's class are imported; and the bytes of its parameters.
+MODEL_MEMORY_PROBE = """
+import json, sys
+from pathlib import Path
+from engine.serve.models import Engine, character_from_folder, load_kwargs, release_freed_heap
+def rss_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+import bitsandbytes, transformers  # imported alike for every precision: only the model counts
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model's class
+load_kwargs(sys.argv[2], sys.argv[3]); release_freed_heap()
+before = rss_mb()
+engine = Engine(character_from_folder(Path(sys.argv[1])), precision=sys.argv[2], device=sys.argv[3])
+ids = engine.chat_prompt_ids(engine.chat_messages([{'role': 'user', 'content': 'Hello there'}]))
+''.join(engine.stream_text(ids, engine.sampling({'max_tokens': 16, 'temperature': 0})))
+release_freed_heap()
+weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 2**20
+print(json.dumps({'model_rss_mb': round(rss_mb() - before, 1), 'weights_mb': round(weights, 1), 'rss_before_load_mb': round(before, 1)}))
+"""
+
+
+def model_memory(export: Path, precision: str, device: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", MODEL_MEMORY_PROBE, str(export), precision, device], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True,
+    ).stdout  # fmt: skip
+    result = {"precision": precision, **json.loads(out.strip().splitlines()[-1])}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def make_export() -> Path:
     run_dir = ROOT / "runs" / "bench_serve"
     export = run_dir / "export" / "model"
@@ -167,6 +201,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="Only the memory figures, written into the existing --out file.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "serve.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,6 +211,14 @@ def main() -> None:
     from engine.serve.models import character_from_folder
 
     tokenizer = AutoTokenizer.from_pretrained(str(export))
+    if args.memory_only:
+        figures = json.loads(args.out.read_text()) if args.out.is_file() else {"export": str(export), "device": args.device}
+        figures["memory"] = [memory(export, p, args.device, tokenizer) for p in ("nf4", "int8", "fp32")]
+        figures["model_memory"] = [model_memory(export, p, args.device) for p in ("nf4", "int8", "fp32")]
+        figures.pop("memory_before_malloc_trim", None)
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     precision = "fp32" if args.device == "cpu" else "bf16"
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
     figures: dict = {
@@ -196,6 +239,7 @@ def main() -> None:
     )
     if not args.skip_memory:
         figures["memory"] = [memory(export, p, args.device, tokenizer) for p in ("nf4", "int8", "fp32")]
+        figures["model_memory"] = [model_memory(export, p, args.device) for p in ("nf4", "int8", "fp32")]
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -350,5 +350,8 @@ def test_precisions_load_and_generate_on_cpu(tmp_path_factory, precision):
             assert torch.float32 not in {p.dtype for n, p in engine.model.named_parameters() if "layers.0.mlp" in n}
         if precision == "int8":
             assert any(type(m).__name__ == "Linear8bitLt" for m in engine.model.modules())
+        if precision in ("nf4", "int8"):  # the full-precision file is no longer mapped: its pages are not resident
+            mapped = Path("/proc/self/maps").read_text()
+            assert str(character.path / "model.safetensors") not in mapped
     finally:
         engine.close()

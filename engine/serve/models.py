@@ -234,6 +234,22 @@ def release_freed_heap() -> None:
         pass
 
 
+def copy_out_of_checkpoint_file(model: Any) -> int:
+    """Give the parameters bitsandbytes left unquantized (embeddings, norms) their own memory; returns how many.
+
+    On the CPU they are views into the memory-mapped safetensors file, and while one of them lives the whole
+    mapping stays, with every page the quantizer read counted as resident: an nf4 model then held the file's
+    full-precision pages on top of its 4-bit copies. Copying the few plain tensors lets the mapping close."""
+    import torch
+
+    copied = 0
+    for param in model.parameters():  # a tied embedding / lm_head comes once
+        if type(param) is torch.nn.Parameter and param.device.type == "cpu":  # bnb's Params4bit / Int8Params are subclasses
+            param.data = param.data.clone()
+            copied += 1
+    return copied
+
+
 def load_kwargs(precision: str, device: str) -> dict:
     """from_pretrained arguments for a precision on a device (bitsandbytes for nf4 and int8)."""
     import torch
@@ -246,7 +262,10 @@ def load_kwargs(precision: str, device: str) -> dict:
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise ServeError(f"precision {precision} needs bitsandbytes ({exc}); install the train extra: pip install -e '.[train]'") from None
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    from engine.stages.train import cpu_has_bf16
+
+    # unquantized parts (embeddings, norms) are kept in the compute dtype: bf16 halves them where the CPU has it natively
+    compute = torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
     if precision == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
     else:
@@ -277,6 +296,8 @@ class Engine:
         if "device_map" not in kwargs:
             self.model.to(self.device)
         self.model.eval()
+        if self.device == "cpu" and self.precision in ("nf4", "int8"):
+            copy_out_of_checkpoint_file(self.model)
         if self.device == "cpu":
             release_freed_heap()  # loading at nf4 / int8 goes through the full-precision weights first
         config = self.model.config
