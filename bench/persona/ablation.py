@@ -40,6 +40,11 @@ TABLES: dict[str, dict] = {
             "sft_dpo_sft": ("SFT, then DPO + NLL of the chosen line (RPO-style)", ["train.preference.method=dpo_sft"]),
             "sft_dpo_any": ("SFT, then DPO with rejected lines from any training episode", ["train.preference.rejected_from=any_scene"]),
             "sft_dpo_long": ("SFT, then DPO 150 steps", ["train.preference.max_steps=150"]),
+            "sft_dpo_lr1e3": ("SFT, then DPO with lr 1e-3 (5x the step size of the LoRA update)", ["train.preference.learning_rate=0.001"]),
+            "sft_dpo_lr1e3_all_linear": (
+                "LoRA r16 on every linear layer (attention + MLP), SFT, then DPO with lr 1e-3",
+                ["train.lora.target_modules=all-linear", "train.preference.learning_rate=0.001"],
+            ),
         },
     },
     "falstaff": {
@@ -51,6 +56,11 @@ TABLES: dict[str, dict] = {
                 "SFT 24 steps, then DPO 30 steps x 4 pairs (beta 0.5, lr 2e-4)",
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=4",
                  "train.preference.learning_rate=0.0002", "train.preference.beta=0.5"],
+            ),
+            "sft_dpo_lr1e3": (
+                "SFT 24 steps, then DPO 30 steps x 8 pairs (beta 0.1, lr 1e-3)",
+                ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=8",
+                 "train.preference.learning_rate=0.001", "train.preference.beta=0.1"],
             ),
         },
     },
@@ -118,6 +128,9 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
             f"| {row['sft_s'] + row['preference_s']:.0f} | `{row['command']}` |"
         )
     lines += ["", f"Items per row: {', '.join(sorted({str(r['items']) for r in rows.values()}))}.", ""]
+    notes = HERE / f"{table}_notes.md"  # hand-written measurements that are not rows (kept under the table)
+    if notes.is_file():
+        lines += [notes.read_text(encoding="utf-8")]
     (HERE / f"{table}_ablation.md").write_text("\n".join(lines), encoding="utf-8")
     (HERE / f"{table}_ablation.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
@@ -127,15 +140,16 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 4))
-    for offset, model in ((-0.2, "base"), (0.2, "tuned")):
-        ax.bar([i + offset for i in range(len(names))], [100 * rows[n][f"{model}_acc"] for n in names], width=0.4,
-               yerr=[100 * (rows[n][f"{model}_acc_se"] or 0) for n in names], capsize=3, label=model)  # fmt: skip
-    ax.axhline(100 * next(iter(rows.values()))["chance"], color="grey", linestyle=":", label="chance")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("next-line acc on held-out episodes (%)")
-    ax.set_title(f"{table}: base vs tuned per training choice")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3.2 * len(names)), 4))
+    for ax, metric in zip(axes, ("acc", "acc_norm")):
+        for offset, model in ((-0.2, "base"), (0.2, "tuned")):
+            ax.bar([i + offset for i in range(len(names))], [100 * rows[n][f"{model}_{metric}"] for n in names], width=0.4,
+                   yerr=[100 * (rows[n].get(f"{model}_{metric}_se") or 0) for n in names], capsize=3, label=model)  # fmt: skip
+        ax.axhline(100 * next(iter(rows.values()))["chance"], color="grey", linestyle=":", label="chance")
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"next-line {metric} on held-out episodes (%)")
+        ax.set_title(f"{table}: {metric}, base vs tuned")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(HERE / f"{table}_ablation.png", dpi=100)
     plt.close(fig)
