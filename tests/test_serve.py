@@ -355,3 +355,18 @@ def test_precisions_load_and_generate_on_cpu(tmp_path_factory, precision):
             assert str(character.path / "model.safetensors") not in mapped
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_quantized_cpu_load_keeps_unquantized_parts_in_bf16_only_where_the_cpu_has_it(monkeypatch, has_bf16):
+    import torch
+
+    import engine.stages.train as train
+    from engine.serve.models import load_kwargs
+
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+    expected = torch.bfloat16 if has_bf16 else torch.float32
+    nf4 = load_kwargs("nf4", "cpu")
+    assert nf4["dtype"] == expected and nf4["quantization_config"].bnb_4bit_compute_dtype == expected
+    assert load_kwargs("int8", "cpu")["dtype"] == expected
+    assert load_kwargs("fp32", "cpu") == {"dtype": torch.float32}

@@ -35,12 +35,12 @@ TABLES: dict[str, dict] = {
         "recipe": "recipes/southpark_cartman.yaml",
         "rows": {
             "sft": ("SFT only (80 steps x 8, LoRA r16 attention, lr 2e-4)", ["train.preference.method=none"]),
-            "sft_dpo": ("recipe default: SFT 80 steps, then DPO 60 steps x 8 pairs (beta 0.1, lr 2e-4)", []),
-            "sft_dpo_beta05": ("SFT, then DPO with beta 0.5 (5x the push per pair at the start)", ["train.preference.beta=0.5"]),
+            "sft_dpo": ("SFT 80 steps, then DPO 60 steps x 8 pairs (beta 0.1, lr 2e-4)", ["train.preference.learning_rate=0.0002"]),
+            "sft_dpo_beta05": ("SFT, then DPO with beta 0.5 (5x the push per pair at the start), lr 2e-4", ["train.preference.beta=0.5", "train.preference.learning_rate=0.0002"]),
             "sft_dpo_sft": ("SFT, then DPO + NLL of the chosen line (RPO-style)", ["train.preference.method=dpo_sft"]),
             "sft_dpo_any": ("SFT, then DPO with rejected lines from any training episode", ["train.preference.rejected_from=any_scene"]),
-            "sft_dpo_long": ("SFT, then DPO 150 steps", ["train.preference.max_steps=150"]),
-            "sft_dpo_lr1e3": ("SFT, then DPO with lr 1e-3 (5x the step size of the LoRA update)", ["train.preference.learning_rate=0.001"]),
+            "sft_dpo_long": ("SFT, then DPO 150 steps (lr 1e-3)", ["train.preference.max_steps=150"]),
+            "sft_dpo_lr1e3": ("recipe default: SFT, then DPO with lr 1e-3 (5x the step size of the LoRA update)", ["train.preference.learning_rate=0.001"]),
             "sft_dpo_lr1e3_all_linear": (
                 "LoRA r16 on every linear layer (attention + MLP), SFT, then DPO with lr 1e-3",
                 ["train.lora.target_modules=all-linear", "train.preference.learning_rate=0.001"],
