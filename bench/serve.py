@@ -8,9 +8,10 @@ into runs/bench_serve (the real SmolLM2-135M weights, a barely trained LoRA merg
 speed as the full recipe's export). Then, for each server in turn (fp32 on the CPU, or --device cuda):
 time to first token and decode tokens/s of one streaming client (median of --repeats), and aggregate
 throughput with 1, 4 and 8 concurrent streaming clients; finally the resident memory (RSS) of `recipe serve`
-loaded at nf4, int8 and fp32, after one request, and what the model alone adds to a process's RSS (measured
-with the server's Engine in a fresh process: RSS after loading and one reply minus RSS before loading). Every client is the official `openai` package; replies are
-greedy (temperature 0) and their tokens are counted with the model's tokenizer, the same way for both servers.
+loaded at nf4, int8 and fp32, after one request, and what the model alone adds to a process's RSS (the
+server's Engine in a fresh process: RSS after loading and one reply minus RSS before loading). Every client
+is the official `openai` package; replies are greedy (temperature 0) and their tokens are counted with the
+model's tokenizer, the same way for both servers.
 Figures go to bench/serve.json.
 """
 

@@ -333,6 +333,31 @@ def test_exported_folder_facts_are_read_back(tmp_path_factory):
     assert folder.defaults()["repetition_penalty"] == recipe.defaults()["repetition_penalty"] == 1.3
 
 
+def in_mapped_file(param, path: Path) -> bool:
+    """Whether a tensor's memory lies in a region of this process mapped from the file at path."""
+    target = str(path.resolve())
+    regions = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            regions.append((start, end))
+    return any(start <= param.data_ptr() < end for start, end in regions)
+
+
+def test_in_mapped_file_sees_a_tensor_loaded_from_safetensors(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from engine.serve.models import character_from_folder, copy_out_of_checkpoint_file
+
+    folder = character_from_folder(smoke_run_dir(tmp_path_factory)).path
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")  # plain load: views of the mapped file
+    embedding = model.get_input_embeddings().weight
+    assert in_mapped_file(embedding, folder / "model.safetensors")
+    assert copy_out_of_checkpoint_file(model) >= 1
+    assert not in_mapped_file(embedding, folder / "model.safetensors")
+
+
 @pytest.mark.parametrize("precision", ["nf4", "int8", "bf16"])
 def test_precisions_load_and_generate_on_cpu(tmp_path_factory, precision):
     from engine.serve.models import Engine, character_from_folder
@@ -350,9 +375,9 @@ def test_precisions_load_and_generate_on_cpu(tmp_path_factory, precision):
             assert torch.float32 not in {p.dtype for n, p in engine.model.named_parameters() if "layers.0.mlp" in n}
         if precision == "int8":
             assert any(type(m).__name__ == "Linear8bitLt" for m in engine.model.modules())
-        if precision in ("nf4", "int8"):  # the full-precision file is no longer mapped: its pages are not resident
-            mapped = Path("/proc/self/maps").read_text()
-            assert str(character.path / "model.safetensors") not in mapped
+        if precision in ("nf4", "int8"):  # no unquantized tensor still lives in the mapped fp32 file
+            checkpoint = character.path / "model.safetensors"
+            assert not [name for name, param in engine.model.named_parameters() if in_mapped_file(param, checkpoint)]
     finally:
         engine.close()
 
