@@ -158,12 +158,13 @@ MODEL_MEMORY_PROBE = """
 import json, sys
 from pathlib import Path
 from engine.serve.models import Engine, character_from_folder, load_kwargs, release_freed_heap
+import bitsandbytes, psutil, transformers  # imported alike for every precision: only the model counts
 def rss_mb():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
-import bitsandbytes, transformers  # imported alike for every precision: only the model counts
+    return psutil.Process().memory_info().rss / 2**20
 config = transformers.AutoConfig.from_pretrained(sys.argv[1])
 transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model's class
-load_kwargs(sys.argv[2], sys.argv[3]); release_freed_heap()
+load_kwargs(sys.argv[2], sys.argv[3])  # and whatever choosing the precision imports
+release_freed_heap()
 before = rss_mb()
 engine = Engine(character_from_folder(Path(sys.argv[1])), precision=sys.argv[2], device=sys.argv[3])
 ids = engine.chat_prompt_ids(engine.chat_messages([{'role': 'user', 'content': 'Hello there'}]))
@@ -182,6 +183,14 @@ def model_memory(export: Path, precision: str, device: str) -> dict:
     result = {"precision": precision, **json.loads(out.strip().splitlines()[-1])}
     print(json.dumps(result), flush=True)
     return result
+
+
+def memory_figures(export: Path, device: str, tokenizer) -> dict:
+    precisions = ("nf4", "int8", "fp32")
+    return {
+        "memory": [memory(export, p, device, tokenizer) for p in precisions],
+        "model_memory": [model_memory(export, p, device) for p in precisions],
+    }
 
 
 def make_export() -> Path:
@@ -214,8 +223,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(export))
     if args.memory_only:
         figures = json.loads(args.out.read_text()) if args.out.is_file() else {"export": str(export), "device": args.device}
-        figures["memory"] = [memory(export, p, args.device, tokenizer) for p in ("nf4", "int8", "fp32")]
-        figures["model_memory"] = [model_memory(export, p, args.device) for p in ("nf4", "int8", "fp32")]
+        figures.update(memory_figures(export, args.device, tokenizer))
         figures.pop("memory_before_malloc_trim", None)
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -239,8 +247,7 @@ def main() -> None:
         f"http://127.0.0.1:{port}", str(export), tokenizer, args, {},
     )
     if not args.skip_memory:
-        figures["memory"] = [memory(export, p, args.device, tokenizer) for p in ("nf4", "int8", "fp32")]
-        figures["model_memory"] = [model_memory(export, p, args.device) for p in ("nf4", "int8", "fp32")]
+        figures.update(memory_figures(export, args.device, tokenizer))
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")
 

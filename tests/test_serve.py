@@ -386,10 +386,10 @@ def test_precisions_load_and_generate_on_cpu(tmp_path_factory, precision):
 def test_quantized_cpu_load_keeps_unquantized_parts_in_bf16_only_where_the_cpu_has_it(monkeypatch, has_bf16):
     import torch
 
-    import engine.stages.train as train
+    import engine.hardware
     from engine.serve.models import load_kwargs
 
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(engine.hardware, "cpu_has_bf16", lambda: has_bf16)
     expected = torch.bfloat16 if has_bf16 else torch.float32
     nf4 = load_kwargs("nf4", "cpu")
     assert nf4["dtype"] == expected and nf4["quantization_config"].bnb_4bit_compute_dtype == expected

@@ -135,7 +135,7 @@ def test_config_defaults_and_errors():
 def test_precision():
     import torch
 
-    from engine.stages.train import cpu_has_bf16
+    from engine.hardware import cpu_has_bf16
 
     expected = ("bf16" if torch.cuda.is_bf16_supported() else "fp32") if torch.cuda.is_available() else ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve_precision("auto") == expected

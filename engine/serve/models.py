@@ -262,7 +262,7 @@ def load_kwargs(precision: str, device: str) -> dict:
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise ServeError(f"precision {precision} needs bitsandbytes ({exc}); install the train extra: pip install -e '.[train]'") from None
-    from engine.stages.train import cpu_has_bf16
+    from engine.hardware import cpu_has_bf16
 
     # unquantized parts (embeddings, norms) are kept in the compute dtype: bf16 halves them where the CPU has it natively
     compute = torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
@@ -296,9 +296,9 @@ class Engine:
         if "device_map" not in kwargs:
             self.model.to(self.device)
         self.model.eval()
-        if self.device == "cpu" and self.precision in ("nf4", "int8"):
-            copy_out_of_checkpoint_file(self.model)
         if self.device == "cpu":
+            if self.precision in ("nf4", "int8"):
+                copy_out_of_checkpoint_file(self.model)
             release_freed_heap()  # loading at nf4 / int8 goes through the full-precision weights first
         config = self.model.config
         positions = getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_CONTEXT

@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.errors import StageError
+from engine.hardware import cpu_has_bf16
 from engine.models import base_model_input, resolve_base_model
 from engine.preference import PreferenceSettings
 from engine.registry import StageContext, register_stage
@@ -204,24 +205,6 @@ def load_base_model(path: Path, dtype: Any, trust_remote_code: bool = False, **l
     if quant is not None and str(getattr(quant_method, "value", quant_method)) == "gguf":
         del config.quantization_config
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs)
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls natively (AMX or AVX512-BF16)."""
-    import torch
-
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:
-            pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(setting: str) -> str:
