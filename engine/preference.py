@@ -1,4 +1,4 @@
-"""The train stage's optional preference phase: TRL's DPOTrainer after supervised fine-tuning.
+"""The train stage's optional preference phase: TRL's DPOTrainer (or CPOTrainer) after supervised fine-tuning.
 
 A pair is (prompt, chosen, rejected): the prompt and the character's real line of a training sample, and a
 line another speaker says in the same scene (`rejected_from: same_scene`, the dataset's `other_lines`) or in
@@ -6,7 +6,10 @@ any training scene (`any_scene`). Held-out samples carry no `other_lines` and ar
 held-out scene contributes a pair. The phase starts from the SFT result (`<out>/sft`): with LoRA the SFT
 adapter is trained further and TRL keeps a frozen copy of it as the reference model (so `beta` holds the
 policy near the SFT model, not near the base); with full fine-tuning TRL loads the SFT weights a second time
-as the reference. Checkpoints go to `<out>/preference_checkpoints` with the train key, as SFT's do.
+as the reference. Method `cpo` (TRL's CPOTrainer) needs no reference: its loss compares the policy's own summed
+log-probabilities of the chosen and the rejected line (the quantity next-line `acc` ranks choices by), plus
+`sft_weight` times the chosen line's NLL, and each step skips the reference forward pass. Checkpoints go to
+`<out>/preference_checkpoints` with the train key, as SFT's do.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ LOSS_TYPES = {"dpo": ["sigmoid"], "ipo": ["ipo"], "dpo_sft": ["sigmoid", "sft"]}
 class PreferenceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["none", "dpo", "ipo", "dpo_sft"] = Field(
+    method: Literal["none", "dpo", "ipo", "dpo_sft", "cpo"] = Field(
         "none",
-        description="Preference tuning after SFT (TRL DPOTrainer): none; dpo (sigmoid loss); ipo; dpo_sft (DPO plus the "
-        "chosen line's NLL, as in RPO). Chosen = the character's real line, rejected = another speaker's line.",
+        description="Preference tuning after SFT: none; dpo (TRL DPOTrainer, sigmoid loss); ipo; dpo_sft (DPO plus the "
+        "chosen line's NLL, as in RPO); cpo (TRL CPOTrainer: reference-free, the policy's own log-probability margin plus "
+        "sft_weight x the chosen line's NLL). Chosen = the character's real line, rejected = another speaker's line.",
     )
-    beta: float = Field(0.1, gt=0, description="DPO beta: how strongly the policy is held to the reference (the SFT model).")
+    beta: float = Field(
+        0.1, gt=0, description="dpo/ipo/dpo_sft: how strongly the policy is held to the reference (the SFT model); cpo: the "
+        "temperature of the log-probability margin."
+    )
     pairs_per_sample: int = Field(1, ge=1, le=8, description="Pairs built from each training sample (each with its own rejected line).")
     rejected_from: Literal["same_scene", "any_scene"] = Field(
         "same_scene",
@@ -43,7 +50,7 @@ class PreferenceSettings(BaseModel):
     learning_rate: Optional[float] = Field(
         None, gt=0, description="Peak learning rate of the phase; null = 5e-5 for lora and qlora, 5e-7 for full fine-tuning."
     )
-    sft_weight: float = Field(1.0, ge=0, description="Weight of the NLL term of dpo_sft (DPO's weight is 1).")
+    sft_weight: float = Field(1.0, ge=0, description="Weight of the chosen line's NLL term of dpo_sft and cpo (the preference term's weight is 1).")
     max_pairs: Optional[int] = Field(None, ge=1, description="Use at most this many pairs (a seeded sample); null = all.")
 
     def peak_learning_rate(self, train_method: str) -> float:
@@ -99,7 +106,7 @@ def plot_preference(history: list[dict], path: Path, title: str) -> None:
 
 
 def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) -> dict:
-    """DPO on the SFT result; saves the final adapter (or model) where export reads it and returns the metrics."""
+    """DPO (or CPO) on the SFT result; saves the final adapter (or model) where export reads it and returns the metrics."""
     import os
 
     import torch
@@ -153,8 +160,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         base = load_training_model(cfg, Path(spec["model_path"]), precision, spec.get("trust_remote_code", False))
         model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)  # TRL copies it as the "ref" adapter
 
-    loss_type = LOSS_TYPES[settings.method]
-    args = DPOConfig(
+    common = dict(
         output_dir=str(out / "preference_checkpoints"),
         max_steps=settings.max_steps,
         learning_rate=settings.peak_learning_rate(cfg.method),
@@ -162,19 +168,26 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         per_device_train_batch_size=settings.batch_size // world,
         max_length=cfg.max_length,
         beta=settings.beta,
-        loss_type=loss_type,
-        loss_weights=[1.0, settings.sft_weight] if len(loss_type) == 2 else None,
         **shared_trainer_args(cfg, spec, precision, cuda, world, is_main),
     )
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-        callbacks=[record_key_callback(spec["key"])],
-    )  # fmt: skip
+    callbacks = [record_key_callback(spec["key"])]
+    if settings.method == "cpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPO lives in trl.experimental; the engine pins TRL
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(loss_type="sigmoid", cpo_alpha=settings.sft_weight, **common)
+        trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=callbacks)
+        reference = "none (reference-free)"
+    else:
+        loss_type = LOSS_TYPES[settings.method]
+        args = DPOConfig(loss_type=loss_type, loss_weights=[1.0, settings.sft_weight] if len(loss_type) == 2 else None, **common)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=callbacks)
+        reference = "the SFT model"
     if is_main:
         console.print(
             f"preference ({settings.method}, beta {settings.beta}): {len(pairs)} pairs (rejected: another speaker's line, "
             f"{settings.rejected_from.replace('_', ' ')}), {settings.max_steps} steps, batch {settings.batch_size}, "
-            f"lr {settings.peak_learning_rate(cfg.method):g}, reference = the SFT model"
+            f"lr {settings.peak_learning_rate(cfg.method):g}, reference = {reference}"
         )
         first = pairs[0]
         console.print(f"  first pair: prompt …{first['prompt'][-80:]!r}\n    chosen   {first['chosen'][:100]!r}\n    rejected {first['rejected'][:100]!r}", markup=False)

@@ -90,6 +90,27 @@ def test_dpo_after_sft_learns_and_reports(tmp_path, pair_dataset_dir):
     assert "reference = the SFT model" in text and "first pair" in text
 
 
+def test_cpo_after_sft_needs_no_reference_and_learns_the_absolute_margin(tmp_path, pair_dataset_dir):
+    cfg = TrainConfig(
+        max_steps=4, save_steps=100, batch_size=4, learning_rate=1e-2, logging_steps=1, max_length=128,
+        lora={"target_modules": "all-linear"},
+        preference={"method": "cpo", "max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "beta": 0.5, "sft_weight": 0.5},
+    )  # fmt: skip
+    console = recording_console()
+    out = tmp_path / "train"
+    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+
+    assert summary["preference"] == "cpo" and summary["preference_steps"] == 12
+    phase = json.loads((out / "metrics.json").read_text())["preference"]
+    assert phase["method"] == "cpo" and phase["pairs"] == 24
+    # CPO's reward is beta x the policy's own summed log-probability: "accuracy" = the chosen line is the likelier one,
+    # the ranking next-line acc makes; the repeated pairs end up ranked right
+    assert phase["reward_accuracy_last_quarter"] > 0.9, phase
+    assert phase["final_loss"] < phase["first_loss"], phase
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter" / "ref").exists()
+    assert "reference = none (reference-free)" in console.export_text()
+
+
 def test_rerun_after_a_crash_in_the_phase_skips_the_finished_sft(tmp_path, pair_dataset_dir, monkeypatch):
     import engine.stages.train as train_module
 

@@ -41,6 +41,10 @@ TABLES: dict[str, dict] = {
             "sft_dpo_any": ("SFT, then DPO with rejected lines from any training episode", ["train.preference.rejected_from=any_scene"]),
             "sft_dpo_long": ("SFT, then DPO 150 steps (lr 1e-3)", ["train.preference.max_steps=150"]),
             "sft_dpo_lr1e3": ("recipe default: SFT, then DPO with lr 1e-3 (5x the step size of the LoRA update)", ["train.preference.learning_rate=0.001"]),
+            "sft_cpo": (
+                "SFT, then CPO 60 steps x 8 pairs (reference-free: own log-prob margin + chosen NLL; beta 0.1, lr 1e-3)",
+                ["train.preference.method=cpo", "train.preference.learning_rate=0.001"],
+            ),
             "sft_dpo_lr1e3_all_linear": (
                 "LoRA r16 on every linear layer (attention + MLP), SFT, then DPO with lr 1e-3",
                 ["train.lora.target_modules=all-linear", "train.preference.learning_rate=0.001"],
