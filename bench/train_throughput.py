@@ -28,7 +28,9 @@ completion + the EOS TRL appends, after truncation to max_length; padding exclud
 own train_runtime (the training loop of trainer.train(): model loading, dataset tokenization and process
 start-up excluded; the first, slower step and the checkpoint the Trainer writes at the last step included,
 for every variant alike). The engine's metrics.json gives tokens_seen and train_runtime_s; the plain script
-reads the same two from its trainer.
+reads the same two from its trainer. Engine rows also give tokens/s after step 1 (the engine logs every step;
+from the first logged point to the last), which leaves out torch.compile's compilation and oneDNN's set-up.
+With ablations, the engine runs once more at the end: the ratio of its two runs is the machine's drift.
 
 Before that it measures the machine's matmul throughput (torch.mm, fp32 and bf16, all torch threads, the
 best of a square 2048 product and the model's own MLP shape) and reports each variant's model FLOP/s
@@ -39,7 +41,9 @@ bf16 matmuls measure 10x slower than fp32, the bf16 variants run min(steps, 2) s
 Writes bench/train_throughput.json (command, machine, figures) and bench/train_throughput.png.
 
 Options: --steps N (optimizer steps per variant; default 6), --ablations LIST (comma-separated from gc,
-group, bs4, bs16, precision, loss, full; "default" = all but full, "all", or "none"), --quick (2 steps, no
+group, bs4, bs16, precision, loss, compile (train.sft_args.torch_compile), dropout (LoRA dropout 0.05 where
+the recipe has 0, else 0), full;
+"default" = gc, group, bs4, bs16, precision, loss; "all", or "none"), --quick (2 steps, no
 ablations: a smoke of a few minutes), --recipe FILE (a recipe on the embedded model), --output FILE,
 --keep (keep the temporary run folder and the per-variant logs).
 """
@@ -60,7 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss", "full")
+ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss", "compile", "dropout", "full")
 DEFAULT_ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss")  # "all" adds full fine-tuning
 SLOW_BF16_FACTOR = 10.0  # bf16 matmul this many times slower than fp32: the CPU has no native bf16
 
@@ -305,7 +309,7 @@ def tail(path: Path, lines: int = 25) -> str:
 
 def run_engine(name: str, recipe: str, run_dir: Path, steps: int, sets: list[str], logs: Path, env: dict) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "recipe"), "run", recipe, "--until", "train", "--force", "train", "--run-dir", str(run_dir),
-           "--set", f"train.max_steps={steps}", "--set", "train.save_steps=1000"]  # fmt: skip
+           "--set", f"train.max_steps={steps}", "--set", "train.save_steps=1000", "--set", "train.logging_steps=1"]  # fmt: skip
     for item in sets:
         cmd += ["--set", item]
     log = logs / f"{name}.log"
@@ -318,7 +322,21 @@ def run_engine(name: str, recipe: str, run_dir: Path, steps: int, sets: list[str
     out = {k: metrics.get(k) for k in keep}
     out["tokens_per_s"] = round(metrics["tokens_seen"] / metrics["train_runtime_s"], 1)  # same formula as the plain script
     out["engine_reported_tokens_per_s"] = metrics.get("tokens_per_s")
+    out["after_step1_tokens_per_s"] = after_first_step_rate(run_dir / "train" / "log_history.json")
     return {**out, "process_wall_s": round(wall, 1), "command": shlex.join(cmd[1:])}
+
+
+def after_first_step_rate(log_history: Path) -> float | None:
+    """tokens/s from the first logged step to the last: leaves out step 1 (oneDNN set-up, torch.compile's
+    compilation), which at a few steps weighs on the whole-run figure. None without two logged points."""
+    try:
+        points = [e for e in json.loads(log_history.read_text()) if "num_input_tokens_seen" in e and "train_runtime" in e]
+    except (OSError, ValueError):
+        return None
+    if len(points) < 2 or points[-1]["train_runtime"] <= points[0]["train_runtime"]:
+        return None
+    first, last = points[0], points[-1]
+    return round((last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"]), 1)
 
 
 def run_plain(name: str, cfg: dict, logs: Path, env: dict, tmp: Path) -> dict:
@@ -472,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             "bs16": ("engine, batch size 16", ["train.batch_size=16"]),
             "precision": (f"engine, {'fp32' if engine_precision == 'bf16' else 'bf16'}",
                           [f"train.precision={'fp32' if engine_precision == 'bf16' else 'bf16'}"]),
+            "compile": ("engine, torch.compile", ["train.sft_args.torch_compile=true"]),
+            "dropout": ((f"engine, LoRA dropout {'0.05' if not lora['dropout'] else '0'}"),
+                        [f"train.lora.dropout={'0.05' if not lora['dropout'] else '0'}"]),
             "full": ("engine, full fine-tuning", ["train.method=full"]),
         }  # fmt: skip
         for key in ablations:
@@ -486,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{label}] {steps} steps ...", flush=True)
                     cfg = {**plain_base, "mode": "engine_settings", "loss": loss, "precision": engine_precision, "steps": steps}
                     record(label, "plain", f"engine's SFTConfig choices, {loss} loss", run_plain(f"loss_{loss}", cfg, logs, env, tmp))
+        if ablations:
+            # a shared machine's speed drifts (2026-11-30: TRL defaults ran at 96.8 tokens/s in one invocation and
+            # 163.8 twenty minutes later): the engine once more at the end says how far the ratios can be trusted
+            print(f"[engine again] drift check, {steps} steps ...", flush=True)
+            record("engine again (drift check)", "engine", "the recipe as it is, after the ablations",
+                   run_engine("engine_again", recipe_path, run_dir, steps, [], logs, env))  # fmt: skip
     finally:
         if args.keep:
             print(f"kept {tmp}")
@@ -503,18 +530,24 @@ def main(argv: list[str] | None = None) -> int:
     engine, trl = rows[0], rows[1]
     vs_trl = round(engine["tokens_per_s"] / trl["tokens_per_s"], 2)
 
-    header = f"{'variant':<44} {'tok/s':>7} {'x engine':>8} {'tokens':>7} {'steps':>5} {'train s':>8} {'prec':>5} {'GFLOP/s':>8} {'% peak':>7} {'RSS MB':>7}"
+    header = f"{'variant':<44} {'tok/s':>7} {'>step1':>7} {'x engine':>8} {'tokens':>7} {'steps':>5} {'train s':>8} {'prec':>5} {'GFLOP/s':>8} {'% peak':>7} {'RSS MB':>7}"
     print()
     print(header)
     print("-" * len(header))
     for row in rows:
         share = f"{100 * row['peak_fraction']:.1f}" if row["peak_fraction"] is not None else "-"
-        print(f"{row['variant']:<44} {row['tokens_per_s']:>7.1f} {row['tokens_per_s'] / engine['tokens_per_s']:>8.2f} {row['tokens_seen']:>7} "
+        later = row.get("after_step1_tokens_per_s")
+        print(f"{row['variant']:<44} {row['tokens_per_s']:>7.1f} {later if later is not None else '-':>7} {row['tokens_per_s'] / engine['tokens_per_s']:>8.2f} {row['tokens_seen']:>7} "
               f"{row['steps']:>5} {row['train_runtime_s']:>8.1f} {row['precision']:>5} {row['model_gflops']:>8.1f} {share:>7} {row['peak_rss_mb']:>7.0f}")  # fmt: skip
     print()
     print(f"engine / TRL defaults: {vs_trl}x ({engine['tokens_per_s']} vs {trl['tokens_per_s']} tokens/s)")
     print(f"engine vs the {engine['precision']} matmul limit: {engine['model_gflops']} of {peaks[engine['precision']]['best_gflops']} GFLOP/s "
           f"= {100 * engine['peak_fraction']:.1f} % (LoRA, {flops_by_length[engine['max_length']]['lora_flops_per_token'] / 1e6:.0f} MFLOP/token)")  # fmt: skip
+    again = next((row for row in rows if row["variant"].startswith("engine again")), None)
+    if again:
+        drift = again["tokens_per_s"] / engine["tokens_per_s"]
+        print(f"drift: the engine ran at {again['tokens_per_s']} tokens/s after the ablations, {drift:.2f}x its first run: "
+              f"ratios nearer 1 than {abs(drift - 1):.2f} are within the machine's drift")  # fmt: skip
     if trl["steps"] != engine["steps"]:
         print(f"note: TRL defaults ran {trl['steps']} steps, the engine {engine['steps']}")
 
@@ -535,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops": peaks,
         "flops_per_token": {str(k): v for k, v in flops_by_length.items()},
         "engine_vs_trl_defaults": vs_trl,
+        "engine_drift": round(again["tokens_per_s"] / engine["tokens_per_s"], 3) if again else None,
         "engine_peak_fraction": engine["peak_fraction"],
         "engine_peak_dtype": engine["precision"],
         "variants": rows,

@@ -80,7 +80,8 @@ def test_windows_split_by_scene(tmp_path, base_model):
     summary = run_dataset(ctx)
     data = load(ctx)
     train, heldout = data["train"], data["heldout"]
-    assert set(train.column_names) == {"scene", "prompt", "completion", "context", "turn_index", "other_lines"}
+    assert set(train.column_names) == {"scene", "speaker", "prompt", "completion", "context", "turn_index", "other_lines"}
+    assert set(train["speaker"]) == set(heldout["speaker"]) == {"Cartman"} and summary["other_speaker_samples"] == 0
 
     # 3 lines of Cartman a scene; the first has no context and is skipped
     assert summary["skipped_no_context"] == 10
@@ -107,6 +108,41 @@ def test_windows_split_by_scene(tmp_path, base_model):
 
     preview = (ctx.out / "preview.md").read_text()
     assert preview.count("### prompt") == 3 and train[0]["completion"] in preview
+
+
+def test_speaker_conditioned_samples_name_their_speaker_and_stay_in_training_scenes(tmp_path, base_model):
+    turns = corpus()
+    ctx = make_ctx(tmp_path, base_model, turns, heldout_fraction=0.3, context_turns=2, template="southpark_alpaca",
+                   speakers="all", min_speaker_lines=10)  # fmt: skip
+    summary = run_dataset(ctx)
+    data = load(ctx)
+    train, heldout = data["train"], data["heldout"]
+    heldout_scenes = set(heldout["scene"])
+
+    # Kenny speaks 10 lines (enough), Stan and Kyle 20 and 10: every speaker of a training scene gives samples
+    assert set(train["speaker"]) == {"Cartman", "Stan", "Kyle", "Kenny"} and summary["train_speakers"] == 4
+    assert set(heldout["speaker"]) == {"Cartman"}, "held-out samples are the character's lines only"
+    assert not set(train["scene"]) & heldout_scenes
+    others = [row for row in train if row["speaker"] != "Cartman"]
+    assert summary["other_speaker_samples"] == len(others) == 4 * len(set(train["scene"]))  # Stan 2, Kyle 1, Kenny 1 a scene
+    by_key = {(t["scene"], t["index"]): t for t in turns}
+    for row in train:
+        assert by_key[(row["scene"], row["turn_index"])]["speaker"] == row["speaker"]
+        assert row["prompt"].endswith(f" ### {row['speaker']}:"), row["prompt"][-40:]  # the tag names the speaker
+        assert (row["other_lines"] == []) == (row["speaker"] != "Cartman")  # preference pairs stay the character's
+    # in Stan's sample the character is just another "Name: line" of the script
+    stan = next(row for row in train if row["speaker"] == "Stan" and row["turn_index"] == 5)
+    scene = stan["scene"]
+    assert stan["prompt"].endswith(f"Cartman: {scene} line 3 by Cartman.\nKenny: {scene} line 4 by Kenny.\n\n ### Stan:")
+    assert "Cartman" not in stan["prompt"].split("### Script:")[0]  # the preamble names Stan, not the character
+
+    with pytest.raises(StageError, match=r"dataset.speakers names Butters, who say nothing"):
+        run_dataset(make_ctx(tmp_path / "named", base_model, turns, heldout_fraction=0.3, speakers=["Stan", "Butters"]))
+    named = make_ctx(tmp_path / "stan", base_model, turns, heldout_fraction=0.3, speakers=["Stan"])
+    run_dataset(named)
+    assert set(load(named)["train"]["speaker"]) == {"Cartman", "Stan"}
+    with pytest.raises(ValidationError, match="speakers"):
+        DatasetConfig(speakers="everyone")
 
 
 def test_heldout_scene_is_stable_when_data_grows():

@@ -45,6 +45,10 @@ TABLES: dict[str, dict] = {
                 "more data: SFT 300 steps x 8 (2,400 of the 9,706 samples, 3.75x the default), then DPO as the default (lr 1e-3)",
                 ["train.max_steps=300", "train.preference.learning_rate=0.001"],
             ),
+            "speakers_all": (
+                "speaker-conditioned: SFT 80 x 8 on every speaker's lines (min 20 lines; the prompt names the speaker), then DPO as the default",
+                ["dataset.speakers=all", "train.preference.learning_rate=0.001"],
+            ),
             "sft_cpo": (
                 "SFT, then CPO 60 steps x 8 pairs (reference-free: own log-prob margin + chosen NLL; beta 0.1, lr 1e-3)",
                 ["train.preference.method=cpo", "train.preference.learning_rate=0.001"],

@@ -9,6 +9,12 @@ in both splits. Samples longer than `max_length` tokens lose their oldest contex
 Each training sample also carries `other_lines`: up to 8 lines other speakers say in the same scene (never a
 duplicate of the character's line), from which the train stage's preference phase draws rejected replies.
 
+Speaker-conditioned training (`speakers: all`, as the South Park seed trained): every other speaker's lines in
+the training scenes become samples too, each prompt rendered with that speaker as the character (its name
+where the template names the character, a plain system prompt), so the model learns that the name in the
+prompt selects the voice. Those samples carry no `other_lines` (preference pairs stay the character's), and
+the held-out split is always the character's lines only.
+
 Output: `data/` (a datasets.DatasetDict with `train` and `heldout`, Arrow on disk) and `preview.md`.
 """
 
@@ -22,7 +28,7 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,6 +56,15 @@ class DatasetConfig(BaseModel):
     max_train_samples: Optional[int] = Field(None, ge=1, description="Keep at most this many training samples, drawn at random with split_seed (smoke runs).")
     max_heldout_samples: Optional[int] = Field(None, ge=1, description="Keep at most this many held-out samples, drawn at random with split_seed.")
     max_length: int = Field(256, ge=8, description="Token budget of prompt + completion + EOS; longer samples lose their oldest context turns until they fit (down to min_context_turns), and one that still does not fit is dropped.")
+    speakers: Union[Literal["character", "all"], list[str]] = Field(
+        "character",
+        description="Whose lines in the training scenes become samples: 'character' (the character's only); 'all' (every speaker's, "
+        "each prompt naming its own speaker as the character: speaker-conditioned training); or a list of speaker names (plus the "
+        "character). Held-out samples are always the character's.",
+    )
+    min_speaker_lines: int = Field(
+        20, ge=1, description="With speakers 'all': only speakers with at least this many lines in the data give samples (drops one-off extras)."
+    )
 
     @field_validator("template")
     @classmethod
@@ -102,6 +117,23 @@ def heldout_scene_ids(scene_ids: list[str], cfg: DatasetConfig) -> set[str]:
     if cfg.heldout_scenes:
         return {scene for scene in scene_ids if any(fnmatch.fnmatchcase(scene, pattern) for pattern in cfg.heldout_scenes)}
     return {scene for scene in scene_ids if scene_draw(scene, cfg.split_seed) < cfg.heldout_fraction}
+
+
+def speaker_persona(speaker: str) -> Any:
+    """The persona a speaker-conditioned sample of another speaker is rendered with: the speaker's own name,
+    and the default system prompt (the character's own prompt describes the character, not them)."""
+    from engine.persona import CharacterConfig
+
+    return CharacterConfig(name=speaker)
+
+
+def conditioned_speakers(cfg: DatasetConfig, speakers: Counter, name: str) -> set[str]:
+    """The speakers besides the character whose training-scene lines become samples."""
+    if cfg.speakers == "character":
+        return set()
+    if cfg.speakers == "all":
+        return {speaker for speaker, count in speakers.items() if speaker != name and count >= cfg.min_speaker_lines}
+    return {speaker for speaker in cfg.speakers if speaker != name}
 
 
 OTHER_LINES = 8  # per training sample: the preference phase draws its rejected replies from these
@@ -157,7 +189,7 @@ def write_preview(path: Path, samples: list[dict], template: str, character: str
 @register_stage(
     "dataset",
     config=DatasetConfig,
-    version="2",
+    version="3",
     reads=("dataset", "character", "model"),
     needs=("clean",),
     libraries=("transformers", "tokenizers", "datasets", "jinja2"),
@@ -195,9 +227,20 @@ def run_dataset(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ctx.recipe.model.trust_remote_code)
     eos = tokenizer.eos_token or ""
 
-    def build(context: list[dict], completion: str) -> tuple[str, list[int]]:
+    extra_speakers = conditioned_speakers(cfg, speakers, name)
+    missing = [speaker for speaker in (cfg.speakers if isinstance(cfg.speakers, list) else []) if speakers[speaker] == 0]
+    if missing:
+        top = ", ".join(f"{speaker} ({count})" for speaker, count in speakers.most_common(8))
+        raise StageError(
+            "dataset",
+            f"dataset.speakers names {', '.join(missing)}, who say nothing in the cleaned turns; the most frequent speakers are: {top}. "
+            "fix: spell them as in the data, or use speakers: all",
+        )
+    personas = {name: persona, **{speaker: speaker_persona(speaker) for speaker in extra_speakers}}
+
+    def build(context: list[dict], completion: str, speaker: str) -> tuple[str, list[int]]:
         try:
-            prompt = render_prompt(cfg.template, tokenizer, context_to_messages(context, name), persona)
+            prompt = render_prompt(cfg.template, tokenizer, context_to_messages(context, speaker), personas[speaker])
         except ValueError as error:  # e.g. a base tokenizer without a chat template
             raise StageError("dataset", str(error)) from None
         return prompt, tokenizer(prompt + completion + eos)["input_ids"]  # as TRL tokenizes it
@@ -207,36 +250,42 @@ def run_dataset(ctx: StageContext) -> dict:
     progress = track(
         scenes.items(),
         total=len(scenes),
-        description=f"dataset: {speakers[name]} lines of {name}, template '{cfg.template}'",
+        description=f"dataset: {speakers[name]} lines of {name}"
+        + (f" + {sum(speakers[s] for s in extra_speakers)} of {len(extra_speakers)} other speakers" if extra_speakers else "")
+        + f", template '{cfg.template}'",
         console=ctx.console,
         transient=True,
     )
     for scene, turns in progress:
         split = "heldout" if scene in heldout_ids else "train"
         for position, turn in enumerate(turns):
-            if turn["speaker"] != name:
+            speaker = str(turn["speaker"])
+            if speaker != name and not (split == "train" and speaker in extra_speakers):
                 continue
             context = turns[max(0, position - cfg.context_turns) : position] if cfg.context_turns else []
             if len(context) < cfg.min_context_turns:
                 counts["skipped_no_context"] += 1
                 continue
             completion = str(turn["text"])
-            prompt, ids = build(context, completion)
+            prompt, ids = build(context, completion, speaker)
             was_trimmed = False
             while len(ids) > cfg.max_length and len(context) > cfg.min_context_turns:
                 context = context[1:]  # the oldest turn goes first
-                prompt, ids = build(context, completion)
+                prompt, ids = build(context, completion, speaker)
                 was_trimmed = True
             if len(ids) > cfg.max_length:
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += was_trimmed
-            # held-out samples get none: nothing of a held-out scene may ever reach training
+            counts["other_speaker_samples"] += speaker != name
+            # held-out samples get none: nothing of a held-out scene may ever reach training; another speaker's
+            # sample gets none either: preference pairs are the character's
             rng = random.Random(f"{cfg.split_seed}\0{scene}\0{turn['index']}")
-            others = other_speaker_lines(turns, name, completion, rng) if split == "train" else []
+            others = other_speaker_lines(turns, name, completion, rng) if split == "train" and speaker == name else []
             splits[split].append(
                 {
                     "scene": scene,
+                    "speaker": speaker,
                     "prompt": prompt,
                     "completion": completion,
                     "context": [{"speaker": str(t["speaker"]), "text": str(t["text"])} for t in context],
@@ -269,6 +318,7 @@ def run_dataset(ctx: StageContext) -> dict:
     features = Features(
         {
             "scene": Value("string"),
+            "speaker": Value("string"),
             "prompt": Value("string"),
             "completion": Value("string"),
             "context": List({"speaker": Value("string"), "text": Value("string")}),
@@ -288,6 +338,8 @@ def run_dataset(ctx: StageContext) -> dict:
         "train": len(splits["train"]),
         "heldout": len(splits["heldout"]),
         "train_scenes": len({s["scene"] for s in splits["train"]}),
+        "other_speaker_samples": sum(s["speaker"] != name for s in splits["train"]),
+        "train_speakers": len({s["speaker"] for s in splits["train"]}),
         "heldout_scenes": len({s["scene"] for s in splits["heldout"]}),
         "skipped_no_context": counts["skipped_no_context"],
         "dropped_too_long": counts["dropped_too_long"],
