@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engine.errors import StageError
 from engine.models import base_model_input, resolve_base_model
+from engine.persona import CharacterConfig
 from engine.registry import InputFile, StageContext, register_stage
 from engine.templates import (
     TEMPLATES_DIR,
@@ -119,11 +120,9 @@ def heldout_scene_ids(scene_ids: list[str], cfg: DatasetConfig) -> set[str]:
     return {scene for scene in scene_ids if scene_draw(scene, cfg.split_seed) < cfg.heldout_fraction}
 
 
-def speaker_persona(speaker: str) -> Any:
+def speaker_persona(speaker: str) -> CharacterConfig:
     """The persona a speaker-conditioned sample of another speaker is rendered with: the speaker's own name,
     and the default system prompt (the character's own prompt describes the character, not them)."""
-    from engine.persona import CharacterConfig
-
     return CharacterConfig(name=speaker)
 
 
@@ -277,7 +276,6 @@ def run_dataset(ctx: StageContext) -> dict:
                 counts["dropped_too_long"] += 1
                 continue
             counts["trimmed"] += was_trimmed
-            counts["other_speaker_samples"] += speaker != name
             # held-out samples get none: nothing of a held-out scene may ever reach training; another speaker's
             # sample gets none either: preference pairs are the character's
             rng = random.Random(f"{cfg.split_seed}\0{scene}\0{turn['index']}")
