@@ -78,6 +78,20 @@ def build_pairs(train: Any, settings: PreferenceSettings, seed: int) -> list[dic
     return pairs
 
 
+def without_unused_bos(tokenizer: Any) -> Any:
+    """The tokenizer CPOTrainer gets: CPO puts `bos_token` in front of every prompt that does not start with it,
+    but SFT, the eval and serving tokenize a prompt the way the tokenizer does. For a tokenizer that adds no BOS
+    of its own (SmolLM2: its bos_token <|im_start|> only opens chat turns, so a file template's prompt would
+    gain one) CPO gets a copy without bos_token; any other tokenizer is passed as it is."""
+    import copy
+
+    if tokenizer.bos_token_id is None or tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    plain = copy.deepcopy(tokenizer)
+    plain.bos_token = None
+    return plain
+
+
 def plot_preference(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -176,7 +190,9 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(loss_type="sigmoid", cpo_alpha=settings.sft_weight, **common)
-        trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, callbacks=callbacks)
+        trainer = CPOTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=without_unused_bos(tokenizer), callbacks=callbacks
+        )  # fmt: skip
         reference = "none (reference-free)"
     else:
         loss_type = LOSS_TYPES[settings.method]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine.preference import PreferenceSettings, build_pairs
+from engine.preference import PreferenceSettings, build_pairs, without_unused_bos
 from engine.stages.train import KEY_FILE, TrainConfig, run_train
 from test_stage_train import LEARNABLE_MODEL, TRAIN_KEY, build_dataset, make_ctx, recording_console, tokenizer  # noqa: F401 (a fixture)
 
@@ -63,6 +63,24 @@ def test_pairs_come_from_the_samples_own_scene_and_never_repeat_the_line():
     assert len(anywhere) == 3 and {p["rejected"] for p in anywhere} <= {"a1", "a2", "a3", "b1", "b2"}
     capped = build_pairs(train, PreferenceSettings(method="dpo", pairs_per_sample=2, max_pairs=3), seed=0)
     assert len(capped) == 3
+
+
+def test_cpo_gets_no_bos_the_tokenizer_would_not_add(tokenizer):
+    # SmolLM2's bos_token (<|im_start|>) is never added by the tokenizer: CPO, which prepends bos_token to a prompt
+    # not starting with it, would train on a prefix SFT, eval and serving never see
+    assert tokenizer.bos_token_id is not None and tokenizer("Below is a script")["input_ids"][0] != tokenizer.bos_token_id
+    plain = without_unused_bos(tokenizer)
+    assert plain.bos_token_id is None and tokenizer.bos_token_id is not None, "the original tokenizer is left as it is"
+    assert plain("Below is a script")["input_ids"] == tokenizer("Below is a script")["input_ids"]
+
+    class AddsBos:  # a tokenizer that does add its BOS: CPO's prepending is then what the model always sees
+        bos_token_id = 7
+
+        def __call__(self, text):
+            return {"input_ids": [7, 42]}
+
+    adds = AddsBos()
+    assert without_unused_bos(adds) is adds
 
 
 def test_dpo_after_sft_learns_and_reports(tmp_path, pair_dataset_dir):
