@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                run_plain("trl_defaults", {**plain_base, "mode": "defaults", "steps": plain_steps}, logs, env, tmp))  # fmt: skip
 
         # 4. ablations: one engine choice changed at a time
+        other_dropout = "0" if lora["dropout"] else "0.05"  # the dropout ablation flips the recipe's choice
         engine_ablations = {
             "gc": ("engine, gradient checkpointing on", ["train.gradient_checkpointing=true"]),
             "group": ("engine, group_by_length off", ["train.group_by_length=false"]),
@@ -491,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": (f"engine, {'fp32' if engine_precision == 'bf16' else 'bf16'}",
                           [f"train.precision={'fp32' if engine_precision == 'bf16' else 'bf16'}"]),
             "compile": ("engine, torch.compile", ["train.sft_args.torch_compile=true"]),
-            "dropout": ((f"engine, LoRA dropout {'0.05' if not lora['dropout'] else '0'}"),
-                        [f"train.lora.dropout={'0.05' if not lora['dropout'] else '0'}"]),
+            "dropout": (f"engine, LoRA dropout {other_dropout}", [f"train.lora.dropout={other_dropout}"]),
             "full": ("engine, full fine-tuning", ["train.method=full"]),
         }  # fmt: skip
         for key in ablations:

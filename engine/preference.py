@@ -14,6 +14,7 @@ log-probabilities of the chosen and the rejected line (the quantity next-line `a
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -83,8 +84,6 @@ def without_unused_bos(tokenizer: Any) -> Any:
     but SFT, the eval and serving tokenize a prompt the way the tokenizer does. For a tokenizer that adds no BOS
     of its own (SmolLM2: its bos_token <|im_start|> only opens chat turns, so a file template's prompt would
     gain one) CPO gets a copy without bos_token; any other tokenizer is passed as it is."""
-    import copy
-
     if tokenizer.bos_token_id is None or tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return tokenizer
     plain = copy.deepcopy(tokenizer)

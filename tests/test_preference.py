@@ -121,6 +121,9 @@ def test_cpo_after_sft_needs_no_reference_and_learns_the_absolute_margin(tmp_pat
     assert summary["preference"] == "cpo" and summary["preference_steps"] == 12
     phase = json.loads((out / "metrics.json").read_text())["preference"]
     assert phase["method"] == "cpo" and phase["pairs"] == 24
+    # no reference: unlike DPO's ln 2 at step 1 (policy == reference), CPO's first loss is the sigmoid of the
+    # policy's own margin plus the chosen line's NLL, well above ln 2
+    assert phase["first_loss"] > 1.0, phase
     # CPO's reward is beta x the policy's own summed log-probability: "accuracy" = the chosen line is the likelier one,
     # the ranking next-line acc makes; the repeated pairs end up ranked right
     assert phase["reward_accuracy_last_quarter"] > 0.9, phase
