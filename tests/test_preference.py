@@ -47,6 +47,24 @@ def test_settings_defaults_and_errors():
         assert field.description
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_phase_recomputes_activations_only_when_the_recipe_asks(tmp_path, checkpointing):
+    """TRL's DPO and CPO configs default gradient checkpointing to on; the recipe's key must win, as in SFT."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl import DPOConfig
+    from trl.experimental.cpo import CPOConfig
+
+    from engine.stages.train import shared_trainer_args
+
+    cfg = TrainConfig(gradient_checkpointing=checkpointing, preference={"method": "dpo"})
+    shared = shared_trainer_args(cfg, {}, "fp32", cuda=False, world=1, is_main=True)
+    for config_class in (DPOConfig, CPOConfig):
+        args = config_class(output_dir=str(tmp_path), **shared)
+        assert args.activation_checkpointing is checkpointing and args.gradient_checkpointing is checkpointing, config_class
+
+
 def test_pairs_come_from_the_samples_own_scene_and_never_repeat_the_line():
     train = {
         "prompt": ["p1", "p2", "p3"],
@@ -130,6 +148,24 @@ def test_cpo_after_sft_needs_no_reference_and_learns_the_absolute_margin(tmp_pat
     assert phase["final_loss"] < phase["first_loss"], phase
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "adapter" / "ref").exists()
     assert "reference = none (reference-free)" in console.export_text()
+
+
+def test_dpo_after_full_fine_tuning_trains_every_weight_against_the_sft_model(tmp_path, pair_dataset_dir):
+    cfg = TrainConfig(
+        method="full", max_steps=4, save_steps=100, batch_size=4, learning_rate=1e-3, logging_steps=1, max_length=128,
+        preference={"method": "dpo", "max_steps": 12, "batch_size": 4, "learning_rate": 1e-3, "beta": 0.5},
+    )  # fmt: skip
+    console = recording_console()
+    out = tmp_path / "train"
+    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+
+    assert summary["preference"] == "dpo" and summary["preference_steps"] == 12
+    phase = json.loads((out / "metrics.json").read_text())["preference"]
+    assert phase["first_loss"] == pytest.approx(0.6931, abs=0.01)  # the reference is the SFT model, loaded a second time
+    assert phase["final_loss"] < 0.5 * phase["first_loss"] and phase["reward_accuracy_last_quarter"] > 0.9, phase
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer_config.json").is_file()
+    assert not (out / "adapter").exists() and not (out / "sft").exists()  # the whole SFT model is not kept twice
+    assert "reference = the SFT model" in console.export_text()
 
 
 def test_rerun_after_a_crash_in_the_phase_skips_the_finished_sft(tmp_path, pair_dataset_dir, monkeypatch):

@@ -53,6 +53,18 @@ TABLES: dict[str, dict] = {
                 "SFT, then CPO 60 steps x 8 pairs (reference-free: own log-prob margin + chosen NLL; beta 0.1, lr 1e-3)",
                 ["train.preference.method=cpo", "train.preference.learning_rate=0.001"],
             ),
+            "context2": (
+                "context length: 2 earlier lines of the scene instead of 5 (prompts and items shorter), SFT + DPO as the default",
+                ["dataset.context_turns=2", "train.preference.learning_rate=0.001"],
+            ),
+            "full_sft_dpo": (
+                "full fine-tuning (every weight): SFT 80 x 8 at lr 5e-5, then DPO 60 x 8 at lr 5e-6",
+                ["train.method=full", "train.learning_rate=0.00005", "train.preference.learning_rate=0.000005"],
+            ),
+            "rank64": (
+                "LoRA rank 64 (alpha 128) on attention, SFT, then DPO as the default",
+                ["train.lora.rank=64", "train.lora.alpha=128", "train.preference.learning_rate=0.001"],
+            ),
             "sft_dpo_lr1e3_all_linear": (
                 "LoRA r16 on every linear layer (attention + MLP), SFT, then DPO with lr 1e-3",
                 ["train.lora.target_modules=all-linear", "train.preference.learning_rate=0.001"],
