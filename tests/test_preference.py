@@ -101,19 +101,23 @@ def test_cpo_gets_no_bos_the_tokenizer_would_not_add(tokenizer):
     assert without_unused_bos(adds) is adds
 
 
+def train_with_phase(tmp_path: Path, dataset_dir: Path, cfg: TrainConfig) -> tuple[Path, object, dict, dict]:
+    """Run the train stage (SFT, then the phase) on the tiny model: its folder, console, summary and phase metrics."""
+    console = recording_console()
+    out = tmp_path / "train"
+    summary = run_train(make_ctx(out, dataset_dir, cfg, console, LEARNABLE_MODEL))
+    return out, console, summary, json.loads((out / "metrics.json").read_text())["preference"]
+
+
 def test_dpo_after_sft_learns_and_reports(tmp_path, pair_dataset_dir):
     cfg = TrainConfig(
         max_steps=4, save_steps=100, batch_size=4, learning_rate=1e-2, logging_steps=1, max_length=128,
         lora={"target_modules": "all-linear"},
         preference={"method": "dpo", "max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "beta": 0.5},
     )  # fmt: skip
-    console = recording_console()
-    out = tmp_path / "train"
-    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+    out, console, summary, phase = train_with_phase(tmp_path, pair_dataset_dir, cfg)
 
     assert summary["steps"] == 4 and summary["preference"] == "dpo" and summary["preference_steps"] == 12
-    metrics = json.loads((out / "metrics.json").read_text())
-    phase = metrics["preference"]
     assert phase["pairs"] == 24 and phase["first_loss"] == pytest.approx(0.6931, abs=0.01)  # policy == reference at step 1
     assert phase["final_loss"] < 0.5 * phase["first_loss"], phase  # the repeated pairs are learned
     assert phase["reward_accuracy_last_quarter"] > 0.9
@@ -132,12 +136,9 @@ def test_cpo_after_sft_needs_no_reference_and_learns_the_absolute_margin(tmp_pat
         lora={"target_modules": "all-linear"},
         preference={"method": "cpo", "max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "beta": 0.5, "sft_weight": 0.5},
     )  # fmt: skip
-    console = recording_console()
-    out = tmp_path / "train"
-    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+    out, console, summary, phase = train_with_phase(tmp_path, pair_dataset_dir, cfg)
 
     assert summary["preference"] == "cpo" and summary["preference_steps"] == 12
-    phase = json.loads((out / "metrics.json").read_text())["preference"]
     assert phase["method"] == "cpo" and phase["pairs"] == 24
     # no reference: unlike DPO's ln 2 at step 1 (policy == reference), CPO's first loss is the sigmoid of the
     # policy's own margin plus the chosen line's NLL, well above ln 2
@@ -155,12 +156,9 @@ def test_dpo_after_full_fine_tuning_trains_every_weight_against_the_sft_model(tm
         method="full", max_steps=4, save_steps=100, batch_size=4, learning_rate=1e-3, logging_steps=1, max_length=128,
         preference={"method": "dpo", "max_steps": 12, "batch_size": 4, "learning_rate": 1e-3, "beta": 0.5},
     )  # fmt: skip
-    console = recording_console()
-    out = tmp_path / "train"
-    summary = run_train(make_ctx(out, pair_dataset_dir, cfg, console, LEARNABLE_MODEL))
+    out, console, summary, phase = train_with_phase(tmp_path, pair_dataset_dir, cfg)
 
     assert summary["preference"] == "dpo" and summary["preference_steps"] == 12
-    phase = json.loads((out / "metrics.json").read_text())["preference"]
     assert phase["first_loss"] == pytest.approx(0.6931, abs=0.01)  # the reference is the SFT model, loaded a second time
     assert phase["final_loss"] < 0.5 * phase["first_loss"] and phase["reward_accuracy_last_quarter"] > 0.9, phase
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer_config.json").is_file()

@@ -115,6 +115,7 @@ def read_row(run_dir: Path) -> dict:
         "gain_paired_se": task["comparison"]["paired_se"],
         "outcome": task["comparison"]["outcome"],
         "sft_s": train["train_runtime_s"],
+        "sft_resumed_from": train.get("resumed_from"),  # the loop's time then counts the steps after that checkpoint only
         "preference_s": preference.get("train_runtime_s", 0.0),
         "preference_reward_accuracy": preference.get("reward_accuracy_last_quarter"),
     }
@@ -130,6 +131,12 @@ def pct(value: float | None, se: float | None = None) -> str:
     if value is None:
         return "-"
     return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def train_seconds(row: dict) -> str:
+    total = f"{row['sft_s'] + row['preference_s']:.0f}"
+    resumed = row.get("sft_resumed_from")
+    return f"{total} (SFT resumed from {resumed}: the steps before it are not counted)" if resumed else total
 
 
 def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
@@ -149,7 +156,7 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
             f"| {100 * row['gain_acc']:+.1f} ({100 * row['gain_paired_se']:.1f}) "
             f"| {pct(row.get('base_acc_norm'))} → {pct(row.get('tuned_acc_norm'))} "
             f"| {pct(row.get('base_acc_mutual_info'))} → {pct(row.get('tuned_acc_mutual_info'))} "
-            f"| {row['sft_s'] + row['preference_s']:.0f} | `{row['command']}` |"
+            f"| {train_seconds(row)} | `{row['command']}` |"
         )
     lines += ["", f"Items per row: {', '.join(sorted({str(r['items']) for r in rows.values()}))}.", ""]
     notes = HERE / f"{table}_notes.md"  # hand-written measurements that are not rows (kept under the table)
