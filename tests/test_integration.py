@@ -47,6 +47,7 @@ def falstaff_smoke(tmp_path_factory) -> Path:
     done = recipe_cli("run", str(FALSTAFF), "--smoke", "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "6 stages ran, 0 cached" in done.stdout
+    (run_dir.parent / "first_run.out").write_text(done.stdout)
     return run_dir
 
 
@@ -60,6 +61,11 @@ def test_falstaff_runs_end_to_end(falstaff_smoke):
     assert (run_dir / "export" / "model" / "config.json").is_file()
     results = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert {"base", "tuned", "items", "chance"} <= set(results)
+    # the closing summary shows base, tuned and their paired difference for every metric
+    printed = (run_dir.parent / "first_run.out").read_text()
+    assert "tuned-base paired per item" in printed
+    acc_norm = next(line for line in printed.splitlines() if " acc_norm " in line)
+    assert acc_norm.count("±") == 3 and acc_norm.split("│")[-1].strip()[0] in "+-", acc_norm  # base, tuned, change
 
 
 def test_noop_rerun_runs_nothing_quickly(falstaff_smoke):

@@ -257,6 +257,14 @@ def test_stage_outputs(stage_run):
     assert ppl["tuned"]["word_perplexity"] > 1 and ppl["items"] == 6
     assert results["timings"]["tuned_scoring_s"] > 0 and results["base_cached"] is False
     assert results["adapter_agreement"] is None  # this export has no adapter (as after a full fine-tune)
+    # every metric compared per item; the same model twice differs by nothing, with no spread
+    assert set(next_line["comparison"]["paired"]) == {"acc", "acc_norm", "acc_mutual_info"}
+    assert set(ppl["comparison"]["paired"]) == {"bits_per_byte"}
+    assert all(gain == {"diff": 0.0, "paired_se": 0.0} for task in (next_line, reply, ppl) for gain in task["comparison"]["paired"].values())
+    assert all(row["change"] == 0.0 and row["change_se"] == 0.0 for row in summary["table"] if row["metric"] != "word_perplexity")
+    per_item = json.loads((stage_run.final / "per_item.json").read_text())
+    assert set(per_item) == set(TASKS) and len(per_item["fal_staff_test_next_line"]["tuned"]["acc_norm"]) == 6
+    assert per_item["fal_staff_test_next_line"]["base"] == per_item["fal_staff_test_next_line"]["tuned"]
     assert (stage_run.final / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (stage_run.final / "samples.md").read_text()
     assert samples.count("**generated**") == 2 and "**real**" in samples
@@ -312,6 +320,21 @@ def test_verdict_uses_paired_standard_errors():
     ppl = eval_stage.Task(kind="perplexity", name="p", folder=Path("."), items=[{}] * 3, choices=None)
     worse = eval_stage.verdict(ppl, {"bits_per_byte": 1.0, "per_item": {"bits_per_byte": [[-10.0, 10]] * 3}}, {"bits_per_byte": 2.0, "per_item": {"bits_per_byte": [[-20.0, 10], [-21.0, 10], [-19.0, 10]]}})
     assert worse["outcome"] == "worse" and "bits/byte" in worse["line"]
+
+
+def test_every_metric_gets_its_paired_gain():
+    task = eval_stage.Task(kind="next_line", name="t", folder=Path("."), items=[{}] * 4, choices=4)
+    base = {"per_item": {"acc": [0.0, 0.0, 1.0, 0.0], "acc_norm": [0.0, 0.0, 0.0, 0.0], "acc_mutual_info": [1.0] * 4, "loglik": [-1.0] * 16}}
+    tuned = {"per_item": {"acc": [0.0, 1.0, 1.0, 0.0], "acc_norm": [1.0, 1.0, 1.0, 0.0], "acc_mutual_info": [1.0] * 4, "loglik": [-1.0] * 16}}
+    gains = eval_stage.paired_gains(task, base, tuned)
+    assert set(gains) == {"acc", "acc_norm", "acc_mutual_info"}  # not the log-likelihoods
+    assert gains["acc"]["diff"] == pytest.approx(0.25) and gains["acc_norm"]["diff"] == pytest.approx(0.75)
+    assert gains["acc_norm"]["paired_se"] == pytest.approx(0.25)  # diffs 1,1,1,0: sd 0.5, over sqrt(4)
+    assert gains["acc_mutual_info"] == {"diff": 0.0, "paired_se": 0.0}
+    ppl = eval_stage.Task(kind="perplexity", name="p", folder=Path("."), items=[{}] * 2, choices=None)
+    better = eval_stage.paired_gains(ppl, {"per_item": {"bits_per_byte": [[-20.0, 10]] * 2}}, {"per_item": {"bits_per_byte": [[-10.0, 10]] * 2}})
+    assert better["bits_per_byte"]["diff"] > 0  # fewer bits per byte is a gain
+    assert eval_stage.table_change(better["bits_per_byte"], "bits_per_byte") < 0  # ... and a drop in the table
 
 
 def test_an_ignored_adapter_is_caught():

@@ -103,9 +103,48 @@ def run_row(recipe: str, run_dir: Path, overrides: list[str], log: Path) -> floa
     return time.perf_counter() - started
 
 
+def rescore_row(recipe_path: str, run_dir: Path, overrides: list[str]) -> Path:
+    """Paired gains on every metric for a row whose eval stage predates them (stage version 2 kept acc's only).
+
+    Scores the row's exported model again on the row's own task files, pairs it per item with the base model's
+    cached scores (scored too when the cache lacks them), and writes <row>.rescored.json beside the run folder;
+    the stage's own outputs are left as they are, so the row stays a cache hit."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from engine.datafiles import cache_root
+    from engine.recipe import load_recipe
+    from engine.stages import eval as eval_stage
+
+    recipe = load_recipe(recipe_path, tuple(overrides))
+    cfg = recipe.eval
+    folder = next(path for path in (run_dir / "eval" / "tasks").iterdir() if path.name.endswith("_next_line"))
+    items = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    task = eval_stage.Task(kind="next_line", name=folder.name, folder=folder, items=items, choices=cfg.distractors + 1)
+    trust = recipe.model.trust_remote_code
+    with tempfile.TemporaryDirectory(prefix="rescore-") as include:
+        eval_stage.write_task_yaml(Path(include), task.name, str((folder / "items.jsonl").resolve()), recipe.character.name, cfg.distractors, "next_line", cfg.mutual_info)
+        cached = cache_root() / "eval-base" / f"{eval_stage.base_cache_key(sorted(folder.iterdir()), recipe)}.json"
+        if cached.is_file():
+            base = json.loads(cached.read_text(encoding="utf-8"))["scores"][task.name]
+        else:
+            print(f"  base scores not cached ({cached.name}): scoring the base model", flush=True)
+            base = eval_stage.score(eval_stage.resolve_base_model(recipe.model, None), [task], Path(include), cfg.batch_size, trust)[task.name]
+        tuned = eval_stage.score(run_dir / "export" / "model", [task], Path(include), cfg.batch_size, trust)[task.name]
+    recorded = json.loads((run_dir / "eval" / "results.json").read_text())["tasks"][task.name]
+    if abs(tuned["acc"] - recorded["tuned"]["acc"]) > 1e-9 or abs(base["acc"] - recorded["base"]["acc"]) > 1e-9:
+        raise SystemExit(f"{run_dir.name}: rescoring gives acc {base['acc']} -> {tuned['acc']}, the row recorded "
+                         f"{recorded['base']['acc']} -> {recorded['tuned']['acc']}: not the same items or models")
+    out = run_dir.parent / f"{run_dir.name}.rescored.json"
+    out.write_text(json.dumps({"paired": eval_stage.paired_gains(task, base, tuned), "per_item": {"base": base["per_item"], "tuned": tuned["per_item"]}}) + "\n")
+    return out
+
+
 def read_row(run_dir: Path) -> dict:
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     task = next(t for t in results["tasks"].values() if t["kind"] == "next_line")
+    rescored = run_dir.parent / f"{run_dir.name}.rescored.json"
+    paired = task["comparison"].get("paired") or (json.loads(rescored.read_text())["paired"] if rescored.is_file() else {})
     train = json.loads((run_dir / "train" / "metrics.json").read_text())
     preference = train.get("preference") or {}
     row = {
@@ -119,6 +158,8 @@ def read_row(run_dir: Path) -> dict:
         "preference_s": preference.get("train_runtime_s", 0.0),
         "preference_reward_accuracy": preference.get("reward_accuracy_last_quarter"),
     }
+    for metric, gain in paired.items():
+        row[f"gain_{metric}"], row[f"gain_{metric}_paired_se"] = gain["diff"], gain["paired_se"]
     for model in ("base", "tuned"):
         for metric in ("acc", "acc_norm", "acc_mutual_info"):
             if metric in task[model]:
@@ -133,6 +174,12 @@ def pct(value: float | None, se: float | None = None) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
 
 
+def gain(row: dict, metric: str) -> str:
+    if f"gain_{metric}" not in row:
+        return ""
+    return f" ({100 * row[f'gain_{metric}']:+.1f} ± {100 * row[f'gain_{metric}_paired_se']:.1f})"
+
+
 def train_seconds(row: dict) -> str:
     total = f"{row['sft_s'] + row['preference_s']:.0f}"
     resumed = row.get("sft_resumed_from")
@@ -144,7 +191,8 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
         f"# Persona ablation: {table} ({recipe})",
         "",
         "Next-line accuracy on held-out episodes (the real line vs 3 lines of other characters in the same episode; chance 25 %),",
-        "base vs tuned on the same items, in percent ± standard error. Gain = tuned - base acc with its paired standard error.",
+        "base vs tuned on the same items, in percent ± standard error. Gain = tuned - base acc with its paired standard error;",
+        "the acc_norm and acc_mutual_info columns give theirs in brackets where the row's per-item scores were kept.",
         "Train time: SFT + preference phase, seconds of the training loop on this machine's 2 cores.",
         "",
         "| row | what | acc base → tuned | gain (paired SE) | acc_norm base → tuned | acc_mutual_info base → tuned | train s | command |",
@@ -154,8 +202,8 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
         lines.append(
             f"| {name} | {row['what']} | {pct(row['base_acc'], row['base_acc_se'])} → {pct(row['tuned_acc'], row['tuned_acc_se'])} "
             f"| {100 * row['gain_acc']:+.1f} ({100 * row['gain_paired_se']:.1f}) "
-            f"| {pct(row.get('base_acc_norm'))} → {pct(row.get('tuned_acc_norm'))} "
-            f"| {pct(row.get('base_acc_mutual_info'))} → {pct(row.get('tuned_acc_mutual_info'))} "
+            f"| {pct(row.get('base_acc_norm'))} → {pct(row.get('tuned_acc_norm'))}{gain(row, 'acc_norm')} "
+            f"| {pct(row.get('base_acc_mutual_info'))} → {pct(row.get('tuned_acc_mutual_info'))}{gain(row, 'acc_mutual_info')} "
             f"| {train_seconds(row)} | `{row['command']}` |"
         )
     lines += ["", f"Items per row: {', '.join(sorted({str(r['items']) for r in rows.values()}))}.", ""]
@@ -192,6 +240,7 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all rows of the table)")
     parser.add_argument("--runs", default="runs/persona", help="folder of the rows' run folders")
     parser.add_argument("--report-only", action="store_true", help="only collect finished rows into the report")
+    parser.add_argument("--rescore", action="store_true", help="finished rows without per-metric paired gains: score their models again (no training)")
     args = parser.parse_args()
     spec = TABLES[args.table]
     wanted = [r for r in args.rows.split(",") if r] or list(spec["rows"])
@@ -201,7 +250,14 @@ def main() -> None:
         what, row_overrides = spec["rows"][name]
         overrides = [*row_overrides, *EVAL_ONLY_NEXT_LINE, *spec.get("eval", [])]
         run_dir = ROOT / args.runs / f"{args.table}_{name}"
-        if not args.report_only:
+        if args.rescore:
+            results = run_dir / "eval" / "results.json"
+            if results.is_file() and not (run_dir.parent / f"{run_dir.name}.rescored.json").is_file():
+                next_line = next(t for t in json.loads(results.read_text())["tasks"].values() if t["kind"] == "next_line")
+                if "paired" not in next_line["comparison"]:
+                    print(f"{name}: rescoring {run_dir / 'export' / 'model'}", flush=True)
+                    print(f"{name}: wrote {rescore_row(spec['recipe'], run_dir, overrides)}", flush=True)
+        elif not args.report_only:
             log = ROOT / args.runs / f"{args.table}_{name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"{name}: {what} ... (log {log.relative_to(ROOT)})", flush=True)

@@ -13,8 +13,9 @@ data) that anyone can rerun unchanged:
 - `<name>_heldout_ppl`: perplexity of the character's held-out lines (`loglikelihood_rolling`).
 
 acc, acc_norm and acc_mutual_info (multiple choice), word/byte perplexity and bits per byte (perplexity),
-with item counts, chance and standard errors; base and tuned are compared per item (paired), and each task
-gets a one-line verdict. The tuned model is scored as exported (merged) and as base + adapter; the two must
+with item counts, chance and standard errors; base and tuned are compared per item (paired) on every metric
+(results.json: `comparison.paired`), each task gets a one-line verdict on acc (bits per byte for perplexity),
+and the per-item values of both models are kept in `per_item.json` for any later pairing. The tuned model is scored as exported (merged) and as base + adapter; the two must
 agree, or the stage fails (an adapter PEFT silently ignored scores like the base).
 
 (`--device`, not `device=` inside --model_args: the 0.4.13 CLI always passes its own device, default cuda:0.)
@@ -450,6 +451,25 @@ def paired_difference(base: list, tuned: list, kind: str) -> tuple[float, float]
     return mean, math.sqrt(variance / n)
 
 
+def paired_gains(task: Task, base: dict, tuned: dict) -> dict[str, dict[str, float]]:
+    """tuned - base with its paired standard error for every metric both models have per item (acc, acc_norm,
+    acc_mutual_info; bits per byte for perplexity, positive = better)."""
+    metrics = ("bits_per_byte",) if task.kind == "perplexity" else MC_METRICS
+    gains = {}
+    for metric in metrics:
+        if metric in base["per_item"] and metric in tuned["per_item"]:
+            diff, se = paired_difference(base["per_item"][metric], tuned["per_item"][metric], task.kind)
+            gains[metric] = {"diff": diff, "paired_se": se}
+    return gains
+
+
+def table_change(gain: Optional[dict], metric: str) -> Optional[float]:
+    """tuned - base as the summary table shows it (bits per byte: lower is better, so the sign of its gain flips)."""
+    if gain is None:
+        return None
+    return -gain["diff"] if metric == "bits_per_byte" else gain["diff"]
+
+
 def verdict(task: Task, base: dict, tuned: dict) -> dict:
     """One line per task: does tuned beat base beyond two paired standard errors (about 95 %)?"""
     metric = "bits_per_byte" if task.kind == "perplexity" else "acc"
@@ -612,7 +632,7 @@ def public(scores: dict) -> dict:
 @register_stage(
     "eval",
     config=EvalConfig,
-    version="2",
+    version="3",
     reads=("eval", "model", "character"),
     needs=("clean", "dataset", "export"),
     libraries=("lm_eval", "torch", "transformers", "peft"),
@@ -695,6 +715,9 @@ def run_eval(ctx: StageContext) -> dict:
     plot_scores(ctx.out / "scores.png", tasks, scores)
 
     verdicts = {task.name: verdict(task, scores["base"][task.name], scores["tuned"][task.name]) for task in tasks}
+    gains = {task.name: paired_gains(task, scores["base"][task.name], scores["tuned"][task.name]) for task in tasks}
+    per_items = {task.name: {model: scores[model][task.name]["per_item"] for model in ("base", "tuned")} for task in tasks}
+    write_json_atomic(ctx.out / "per_item.json", per_items)
     results = {
         "lm_eval": package_version("lm_eval"),
         "base_cached": timings["base_scoring_s"] is None,
@@ -707,7 +730,7 @@ def run_eval(ctx: StageContext) -> dict:
                 "base": public(scores["base"][task.name]),
                 "tuned": public(scores["tuned"][task.name]),
                 **({"adapter": public(scores["adapter"][task.name])} if task.name in scores.get("adapter", {}) else {}),
-                "comparison": {k: v for k, v in verdicts[task.name].items() if k != "line"},
+                "comparison": {**{k: v for k, v in verdicts[task.name].items() if k != "line"}, "paired": gains[task.name]},
                 "verdict": verdicts[task.name]["line"],
             }
             for task in tasks
@@ -723,7 +746,8 @@ def run_eval(ctx: StageContext) -> dict:
         console.print(f"eval: {verdicts[task.name]['line']}")
     table = [
         {"task": task.name, "kind": TASK_SUFFIX[task.kind], "metric": metric, "base": scores["base"][task.name].get(metric), "base_stderr": scores["base"][task.name].get(f"{metric}_stderr"),
-         "tuned": scores["tuned"][task.name].get(metric), "tuned_stderr": scores["tuned"][task.name].get(f"{metric}_stderr")}
+         "tuned": scores["tuned"][task.name].get(metric), "tuned_stderr": scores["tuned"][task.name].get(f"{metric}_stderr"),
+         "change": table_change(gains[task.name].get(metric), metric), "change_se": gains[task.name].get(metric, {}).get("paired_se")}
         for task in tasks
         for metric in (("bits_per_byte",) if task.kind == "perplexity" else tuple(m for m in MC_METRICS if m in scores["tuned"][task.name]))
     ]  # fmt: skip

@@ -1,0 +1,155 @@
+"""How far is each held-out item from flipping? The next-line task's acc, seen item by item.
+
+acc counts an item when the real line's summed log-likelihood beats every distractor's. This script reads the
+per-item log-likelihoods a row kept (the eval stage's `per_item.json`, or `<row>.rescored.json` written by
+`ablation.py --rescore`) and the row's items, and reports for base and tuned:
+
+- the margin of each item: log-likelihood of the real line minus the best distractor's (nats; > 0 = right),
+- how many wrong items lie within 1, 2, 5 nats of flipping, i.e. what a given shift could buy,
+- how far tuning moved the margins (mean, median, share of items moved up),
+- how the margin follows length: the real line's characters minus the best distractor's.
+
+    python bench/persona/margins.py --rows sft_dpo_lr1e3,sft_cpo      # writes bench/persona/cartman_margins.md / .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def load_row(run_dir: Path) -> tuple[list[dict], dict]:
+    """(items, {"base": per_item, "tuned": per_item}) of a row's next-line task."""
+    folder = next(path for path in (run_dir / "eval" / "tasks").iterdir() if path.name.endswith("_next_line"))
+    items = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    kept = run_dir / "eval" / "per_item.json"
+    if kept.is_file():
+        per_item = json.loads(kept.read_text())[folder.name]
+    else:
+        rescored = run_dir.parent / f"{run_dir.name}.rescored.json"
+        if not rescored.is_file():
+            raise SystemExit(f"{run_dir.name}: no per-item scores; run `python bench/persona/ablation.py --rescore --rows ...` first")
+        per_item = json.loads(rescored.read_text())["per_item"]
+    return items, per_item
+
+
+def margins(items: list[dict], logliks: list[float]) -> list[float]:
+    """Per item: real line's log-likelihood minus the best distractor's (the flat list holds every choice in order)."""
+    out, at = [], 0
+    for item in items:
+        scores = logliks[at : at + len(item["choices"])]
+        at += len(item["choices"])
+        gold = scores[item["label"]]
+        out.append(gold - max(s for i, s in enumerate(scores) if i != item["label"]))
+    if at != len(logliks):
+        raise SystemExit(f"per-item log-likelihoods ({len(logliks)}) do not match the items' choices ({at})")
+    return out
+
+
+def length_gaps(items: list[dict], logliks: list[float]) -> list[int]:
+    """Per item: characters of the real line minus those of the distractor the model liked best."""
+    out, at = [], 0
+    for item in items:
+        scores = logliks[at : at + len(item["choices"])]
+        at += len(item["choices"])
+        best = max((i for i in range(len(scores)) if i != item["label"]), key=lambda i: scores[i])
+        out.append(len(item["choices"][item["label"]]) - len(item["choices"][best]))
+    return out
+
+
+def correlation(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / ((sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5)
+
+
+def summarise(items: list[dict], per_item: dict) -> dict:
+    base = margins(items, per_item["base"]["loglik"])
+    tuned = margins(items, per_item["tuned"]["loglik"])
+    shifts = [t - b for b, t in zip(base, tuned)]
+    wrong = [m for m in base if m <= 0]
+    gaps = length_gaps(items, per_item["base"]["loglik"])
+    return {
+        "items": len(items),
+        "base_right": sum(m > 0 for m in base),
+        "tuned_right": sum(m > 0 for m in tuned),
+        "flipped_up": sum(b <= 0 < t for b, t in zip(base, tuned)),
+        "flipped_down": sum(t <= 0 < b for b, t in zip(base, tuned)),
+        "base_wrong_within": {str(n): sum(-n < m <= 0 for m in wrong) for n in (1, 2, 5)},
+        "base_margin_median": statistics.median(base),
+        "shift_mean": statistics.fmean(shifts),
+        "shift_median": statistics.median(shifts),
+        "shift_up_share": sum(s > 0 for s in shifts) / len(shifts),
+        "real_line_longer_share": sum(g > 0 for g in gaps) / len(gaps),
+        "margin_vs_length_gap_r": correlation(base, [float(g) for g in gaps]),
+        "base_margins": base,
+        "tuned_margins": tuned,
+    }
+
+
+def write_report(table: str, rows: dict[str, dict]) -> None:
+    lines = [
+        f"# How far the held-out items are from flipping: {table}",
+        "",
+        "Margin of an item = summed log-likelihood of the real line minus that of the best distractor, in nats",
+        "(acc counts the items with a margin above 0). Written by `python bench/persona/margins.py --table "
+        f"{table} --rows {','.join(rows)}` from the rows' kept per-item scores.",
+        "",
+        "| row | items | right base → tuned | flipped up / down | base-wrong within 1 / 2 / 5 nats | base median margin | shift mean / median (share up) | real line longer | r(margin, length gap) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        within = row["base_wrong_within"]
+        lines.append(
+            f"| {name} | {row['items']} | {row['base_right']} → {row['tuned_right']} | {row['flipped_up']} / {row['flipped_down']} "
+            f"| {within['1']} / {within['2']} / {within['5']} | {row['base_margin_median']:.1f} "
+            f"| {row['shift_mean']:+.2f} / {row['shift_median']:+.2f} ({100 * row['shift_up_share']:.0f} %) "
+            f"| {100 * row['real_line_longer_share']:.0f} % | {row['margin_vs_length_gap_r']:.2f} |"
+        )
+    (HERE / f"{table}_margins.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (HERE / f"{table}_margins.json").write_text(json.dumps({n: {k: v for k, v in r.items() if not k.endswith("_margins")} for n, r in rows.items()}, indent=2) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8), squeeze=False)
+    for ax, (name, row) in zip(axes[0], rows.items()):
+        bins = [x / 2 for x in range(-60, 21)]
+        ax.hist([max(min(m, 10), -30) for m in row["base_margins"]], bins=bins, alpha=0.6, label="base")
+        ax.hist([max(min(m, 10), -30) for m in row["tuned_margins"]], bins=bins, alpha=0.6, label="tuned")
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_xlabel("real line minus best distractor (nats, clipped to [-30, 10])")
+        ax.set_ylabel("items")
+        ax.set_title(f"{table} {name}: right {row['base_right']} → {row['tuned_right']} of {row['items']}", fontsize=9)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / f"{table}_margins.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", default="cartman")
+    parser.add_argument("--rows", required=True, help="comma-separated row names of bench/persona/ablation.py")
+    parser.add_argument("--runs", default="runs/persona", help="folder of the rows' run folders")
+    args = parser.parse_args()
+    rows = {}
+    for name in [r for r in args.rows.split(",") if r]:
+        items, per_item = load_row(ROOT / args.runs / f"{args.table}_{name}")
+        rows[name] = summarise(items, per_item)
+        row = rows[name]
+        print(f"{name}: right {row['base_right']} -> {row['tuned_right']} of {row['items']}; base-wrong within 1/2/5 nats: "
+              f"{row['base_wrong_within']}; shift mean {row['shift_mean']:+.2f} median {row['shift_median']:+.2f}")
+    write_report(args.table, rows)
+    print(f"wrote bench/persona/{args.table}_margins.md / .json / .png")
+
+
+if __name__ == "__main__":
+    main()
