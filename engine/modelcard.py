@@ -277,6 +277,14 @@ def evaluation_section(results: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def _paired(task: dict, metric: str) -> str:
+    gain = ((task.get("comparison") or {}).get("paired") or {}).get(metric)
+    if gain is None:  # results written by eval stage version 2 kept acc's paired gain only
+        return "—"
+    change = -gain["diff"] if metric == "bits_per_byte" else gain["diff"]  # the stage stores bits saved
+    return f"{change:+.3f} ± {gain['paired_se']:.3f}"
+
+
 def tasks_section(results: dict) -> str:
     """The Evaluation section for the eval stage's results.json: one table row per task and metric, and the
     per-task verdict (paired comparison of base and tuned on the same items)."""
@@ -284,10 +292,11 @@ def tasks_section(results: dict) -> str:
         EVALUATION,
         "",
         f"lm-eval (version {results.get('lm_eval', '?')}) tasks built from held-out scenes the model never trained on; "
-        "base and tuned scored on the same items, standard errors after ±.",
+        "base and tuned scored on the same items, standard errors after ±; tuned - base is paired per item "
+        "(bits per byte: lower is better).",
         "",
-        "| task | items | chance | metric | base | tuned |",
-        "|---|---:|---:|---|---:|---:|",
+        "| task | items | chance | metric | base | tuned | tuned - base |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for name, task in results["tasks"].items():
         metrics = ("bits_per_byte",) if task.get("kind") == "perplexity" else tuple(
@@ -297,7 +306,7 @@ def tasks_section(results: dict) -> str:
         for metric in metrics:
             lines.append(
                 f"| `{name}` | {task.get('items', '?')} | {chance} | {metric} | "
-                f"{_score(task.get('base') or {}, metric)} | {_score(task.get('tuned') or {}, metric)} |"
+                f"{_score(task.get('base') or {}, metric)} | {_score(task.get('tuned') or {}, metric)} | {_paired(task, metric)} |"
             )
     lines.append("")
     lines += [f"- {task['verdict']}" for task in results["tasks"].values() if task.get("verdict")]

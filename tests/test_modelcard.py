@@ -107,3 +107,21 @@ def test_evaluation_filled_in_and_other_sections_kept(tmp_path):
     assert (export / "model" / "README.md").read_text(encoding="utf-8") == card  # the export folder is untouched
     bare = write_eval_card(tmp_path / "no-export", tmp_path / "BARE.md", RESULTS)
     assert "| tuned | 0.420 ± 0.049 |" in bare.read_text(encoding="utf-8")
+
+
+def test_task_scores_show_the_paired_change_where_the_stage_kept_it():
+    from engine.modelcard import tasks_section
+
+    task = {
+        "kind": "next_line", "items": 200, "chance": 0.25, "verdict": "t: +0.035 ± 0.013 paired",
+        "base": {"acc": 0.19, "acc_stderr": 0.028, "acc_norm": 0.28, "acc_norm_stderr": 0.032},
+        "tuned": {"acc": 0.225, "acc_stderr": 0.03, "acc_norm": 0.38, "acc_norm_stderr": 0.034},
+        "comparison": {"metric": "acc", "diff": 0.035, "paired_se": 0.013, "paired": {"acc": {"diff": 0.035, "paired_se": 0.013}, "acc_norm": {"diff": 0.1, "paired_se": 0.03}}},
+    }  # fmt: skip
+    ppl = {"kind": "perplexity", "items": 50, "chance": None, "base": {"bits_per_byte": 1.5}, "tuned": {"bits_per_byte": 1.25},
+           "comparison": {"paired": {"bits_per_byte": {"diff": 0.25, "paired_se": 0.02}}}}  # fmt: skip
+    old = {**task, "comparison": {"metric": "acc", "diff": 0.035, "paired_se": 0.013}}  # eval stage version 2
+    section = tasks_section({"lm_eval": "0.4.13", "tasks": {"t": task, "p": ppl, "old": old}})
+    assert "| `t` | 200 | 0.25 | acc_norm | 0.280 ± 0.032 | 0.380 ± 0.034 | +0.100 ± 0.030 |" in section
+    assert "| `p` | 50 | — | bits_per_byte | 1.500 | 1.250 | -0.250 ± 0.020 |" in section  # fewer bits: a drop
+    assert "| `old` | 200 | 0.25 | acc_norm | 0.280 ± 0.032 | 0.380 ± 0.034 | — |" in section

@@ -272,6 +272,8 @@ def test_stage_outputs(stage_run):
     assert len((stage_run.final / "interviews.jsonl").read_text().splitlines()) == 2 and results["judge"] is None
     card = (stage_run.final / "MODEL_CARD.md").read_text()
     assert "| `fal_staff_test_heldout_ppl` | 6 | — | bits_per_byte |" in card and "identical per item" in card
+    acc_norm_row = next(line for line in card.splitlines() if line.startswith("| `fal_staff_test_next_line`") and "| acc_norm |" in line)
+    assert acc_norm_row.endswith("| +0.000 ± 0.000 |")  # the paired change, as the stage computed it
 
     for name, data_file, choices in ((TASKS[0], "items.jsonl", 4), (TASKS[1], "items.jsonl", 5), (TASKS[2], "lines.jsonl", None)):
         task = stage_run.final / "tasks" / name
