@@ -15,8 +15,9 @@ data) that anyone can rerun unchanged:
 acc, acc_norm and acc_mutual_info (multiple choice), word/byte perplexity and bits per byte (perplexity),
 with item counts, chance and standard errors; base and tuned are compared per item (paired) on every metric
 (results.json: `comparison.paired`), each task gets a one-line verdict on acc (bits per byte for perplexity),
-and the per-item values of both models are kept in `per_item.json` for any later pairing. The tuned model is scored as exported (merged) and as base + adapter; the two must
-agree, or the stage fails (an adapter PEFT silently ignored scores like the base).
+and the per-item values of both models are kept in `per_item.json` for any later pairing. The tuned model
+is scored as exported (merged) and as base + adapter; the two must agree, or the stage fails (an adapter
+PEFT silently ignored scores like the base).
 
 (`--device`, not `device=` inside --model_args: the 0.4.13 CLI always passes its own device, default cuda:0.)
 
