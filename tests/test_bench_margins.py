@@ -31,6 +31,13 @@ def test_summary_counts_flips_and_reach():
     per_item = {"base": {"loglik": [-10.0, -4.0, -7.0, -3.0, -2.5, -9.0]}, "tuned": {"loglik": [-3.5, -4.0, -7.0, -3.0, -3.5, -9.0]}}
     row = margins.summarise(ITEMS, per_item)
     assert (row["base_right"], row["tuned_right"], row["flipped_up"], row["flipped_down"]) == (1, 1, 1, 1)
-    assert row["base_wrong_within"] == {"1": 0, "2": 0, "5": 0}  # the one wrong item is 6 nats away
+    assert row["base_wrong_within"] == {"1": 0, "2": 0, "5": 0, "10": 1}  # the one wrong item is 6 nats away
+    assert row["shift_for_10_points"] is None  # 10 % of 2 items rounds to none
     assert row["shift_mean"] == pytest.approx((6.5 - 1.0) / 2) and row["shift_up_share"] == 0.5
     assert row["real_line_longer_share"] == 1.0
+
+
+def test_shift_for_ten_points_is_the_margin_of_the_tenth_nearest_wrong_item():
+    base = [1.0] * 5 + [-0.5, -2.0, -3.0, -8.0, -20.0] + [-30.0] * 10  # 20 items: +10 points = 2 flips
+    assert margins.shift_for(base, 0.10) == 2.0
+    assert margins.shift_for([1.0] * 19 + [-1.0], 0.10) is None  # only one wrong item to flip

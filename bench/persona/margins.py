@@ -5,7 +5,8 @@ per-item log-likelihoods a row kept (the eval stage's `per_item.json`, or `<row>
 `ablation.py --rescore`) and the row's items, and reports for base and tuned:
 
 - the margin of each item: log-likelihood of the real line minus the best distractor's (nats; > 0 = right),
-- how many wrong items lie within 1, 2, 5 nats of flipping, i.e. what a given shift could buy,
+- how many wrong items lie within 1, 2, 5, 10 nats of flipping, i.e. what a given shift could buy, and the
+  shift every real line would need for acc to gain 10 points,
 - how far tuning moved the margins (mean, median, share of items moved up),
 - how the margin follows length: the real line's characters minus the best distractor's.
 
@@ -62,6 +63,14 @@ def length_gaps(items: list[dict], logliks: list[float]) -> list[int]:
     return out
 
 
+def shift_for(base: list[float], points: float) -> float | None:
+    """Nats every real line would have to gain on its distractors for acc to rise by `points` (a share of the
+    items): the margin of the wrong item that many places from flipping."""
+    needed = round(points * len(base))
+    wrong = sorted((m for m in base if m <= 0), reverse=True)  # nearest to flipping first
+    return -wrong[needed - 1] if 0 < needed <= len(wrong) else None
+
+
 def correlation(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
@@ -80,7 +89,8 @@ def summarise(items: list[dict], per_item: dict) -> dict:
         "tuned_right": sum(m > 0 for m in tuned),
         "flipped_up": sum(b <= 0 < t for b, t in zip(base, tuned)),
         "flipped_down": sum(t <= 0 < b for b, t in zip(base, tuned)),
-        "base_wrong_within": {str(n): sum(-n < m <= 0 for m in wrong) for n in (1, 2, 5)},
+        "base_wrong_within": {str(n): sum(-n < m <= 0 for m in wrong) for n in (1, 2, 5, 10)},
+        "shift_for_10_points": shift_for(base, 0.10),
         "base_margin_median": statistics.median(base),
         "shift_mean": statistics.fmean(shifts),
         "shift_median": statistics.median(shifts),
@@ -92,6 +102,10 @@ def summarise(items: list[dict], per_item: dict) -> dict:
     }
 
 
+def nats(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} nats"
+
+
 def write_report(table: str, rows: dict[str, dict]) -> None:
     lines = [
         f"# How far the held-out items are from flipping: {table}",
@@ -100,14 +114,14 @@ def write_report(table: str, rows: dict[str, dict]) -> None:
         "(acc counts the items with a margin above 0). Written by `python bench/persona/margins.py --table "
         f"{table} --rows {','.join(rows)}` from the rows' kept per-item scores.",
         "",
-        "| row | items | right base → tuned | flipped up / down | base-wrong within 1 / 2 / 5 nats | base median margin | shift mean / median (share up) | real line longer | r(margin, length gap) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | items | right base → tuned | flipped up / down | base-wrong within 1 / 2 / 5 / 10 nats | shift for +10 points | base median margin | shift mean / median (share up) | real line longer | r(margin, length gap) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         within = row["base_wrong_within"]
         lines.append(
             f"| {name} | {row['items']} | {row['base_right']} → {row['tuned_right']} | {row['flipped_up']} / {row['flipped_down']} "
-            f"| {within['1']} / {within['2']} / {within['5']} | {row['base_margin_median']:.1f} "
+            f"| {within['1']} / {within['2']} / {within['5']} / {within['10']} | {nats(row['shift_for_10_points'])} | {row['base_margin_median']:.1f} "
             f"| {row['shift_mean']:+.2f} / {row['shift_median']:+.2f} ({100 * row['shift_up_share']:.0f} %) "
             f"| {100 * row['real_line_longer_share']:.0f} % | {row['margin_vs_length_gap_r']:.2f} |"
         )
