@@ -133,16 +133,26 @@ def write_report(table: str, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8), squeeze=False)
-    for ax, (name, row) in zip(axes[0], rows.items()):
-        bins = [x / 2 for x in range(-60, 21)]
-        ax.hist([max(min(m, 10), -30) for m in row["base_margins"]], bins=bins, alpha=0.6, label="base")
-        ax.hist([max(min(m, 10), -30) for m in row["tuned_margins"]], bins=bins, alpha=0.6, label="tuned")
-        ax.axvline(0, color="black", linewidth=1)
-        ax.set_xlabel("real line minus best distractor (nats, clipped to [-30, 10])")
-        ax.set_ylabel("items")
-        ax.set_title(f"{table} {name}: right {row['base_right']} → {row['tuned_right']} of {row['items']}", fontsize=9)
-        ax.legend()
+    shown = "sft_dpo_lr1e3" if "sft_dpo_lr1e3" in rows else next(iter(rows))  # the recipe default where it is a row
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    bins = list(range(-80, 22, 2))
+    for model in ("base", "tuned"):
+        left.hist([max(min(m, 20), -80) for m in rows[shown][f"{model}_margins"]], bins=bins, alpha=0.6, label=model)
+    left.axvline(0, color="black", linewidth=1)
+    left.set_xlabel("real line minus best distractor (nats; clipped to [-80, 20])")
+    left.set_ylabel("items")
+    left.set_title(f"{table} {shown}: right {rows[shown]['base_right']} → {rows[shown]['tuned_right']} of {rows[shown]['items']}", fontsize=10)
+    left.legend()
+    names = list(rows)
+    right.barh(range(len(names)), [rows[n]["shift_mean"] for n in names], color="tab:orange", label="mean shift by tuning")
+    needed = [rows[n]["shift_for_10_points"] for n in names if rows[n]["shift_for_10_points"] is not None]
+    if needed:
+        right.axvline(min(needed), color="black", linestyle="--", label=f"shift for +10 points of acc ({min(needed):.1f}+ nats)")
+    right.set_yticks(range(len(names)), names, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("nats")
+    right.set_title("how far tuning moved the margins", fontsize=10)
+    right.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(HERE / f"{table}_margins.png", dpi=100)
     plt.close(fig)
