@@ -8,7 +8,9 @@ bench/persona/ablation.json, ablation.md (a table with the command of each row) 
 
     python bench/persona/ablation.py                          # every row of the Cartman table
     python bench/persona/ablation.py --rows sft,sft_dpo       # some rows
-    python bench/persona/ablation.py --recipe recipes/shakespeare_falstaff.yaml --table falstaff
+    python bench/persona/ablation.py --table falstaff               # the Falstaff table
+    python bench/persona/ablation.py --rescore                      # paired gains on every metric for rows run
+                                                                    # before the eval stage kept per-item scores
 """
 
 from __future__ import annotations
