@@ -277,12 +277,18 @@ def evaluation_section(results: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def tuned_minus_base(gain: Optional[dict], metric: str) -> Optional[float]:
+    """The eval stage's paired gain as tuned - base (its bits-per-byte gain counts bits saved, so the sign flips)."""
+    if gain is None:
+        return None
+    return -gain["diff"] if metric == "bits_per_byte" else gain["diff"]
+
+
 def _paired(task: dict, metric: str) -> str:
     gain = ((task.get("comparison") or {}).get("paired") or {}).get(metric)
     if gain is None:  # results written by eval stage version 2 kept acc's paired gain only
         return "—"
-    change = -gain["diff"] if metric == "bits_per_byte" else gain["diff"]  # the stage stores bits saved
-    return f"{change:+.3f} ± {gain['paired_se']:.3f}"
+    return f"{tuned_minus_base(gain, metric):+.3f} ± {gain['paired_se']:.3f}"
 
 
 def tasks_section(results: dict) -> str:

@@ -69,13 +69,14 @@ def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, secon
         scores = Table(title="base vs tuned on held-out scenes (± standard error; tuned-base paired per item)", title_justify="left", show_edge=False)
         for column, justify in (("task", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right"), ("tuned-base", "right")):
             scores.add_column(column, justify=justify)
-        for row in evaluation["table"]:  # standard errors to 2 digits, so that the five columns fit 80 characters
-            def shown(value, stderr):
-                return "—" if value is None else (f"{_fmt(value)} ± {stderr:.2g}" if stderr is not None else _fmt(value))
+        # standard errors to 2 digits, so that the five columns fit 80 characters
+        def shown(value, stderr):
+            return "—" if value is None else (f"{_fmt(value)} ± {stderr:.2g}" if stderr is not None else _fmt(value))
 
-            def change(value, stderr):  # paired: the same items scored by both models
-                return "—" if value is None or stderr is None else f"{value:+.3g} ± {stderr:.2g}"
+        def change(value, stderr):  # paired: the same items scored by both models
+            return "—" if value is None or stderr is None else f"{value:+.3g} ± {stderr:.2g}"
 
+        for row in evaluation["table"]:
             scores.add_row(
                 row.get("kind", row["task"]), row["metric"], shown(row["base"], row["base_stderr"]), shown(row["tuned"], row["tuned_stderr"]),
                 change(row.get("change"), row.get("change_se")),  # absent in runs recorded by eval stage version 2

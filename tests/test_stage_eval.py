@@ -336,7 +336,7 @@ def test_every_metric_gets_its_paired_gain():
     ppl = eval_stage.Task(kind="perplexity", name="p", folder=Path("."), items=[{}] * 2, choices=None)
     better = eval_stage.paired_gains(ppl, {"per_item": {"bits_per_byte": [[-20.0, 10]] * 2}}, {"per_item": {"bits_per_byte": [[-10.0, 10]] * 2}})
     assert better["bits_per_byte"]["diff"] > 0  # fewer bits per byte is a gain
-    assert eval_stage.table_change(better["bits_per_byte"], "bits_per_byte") < 0  # ... and a drop in the table
+    assert eval_stage.tuned_minus_base(better["bits_per_byte"], "bits_per_byte") < 0  # ... and a drop in the table
 
 
 def test_an_ignored_adapter_is_caught():

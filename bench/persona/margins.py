@@ -39,28 +39,30 @@ def load_row(run_dir: Path) -> tuple[list[dict], dict]:
     return items, per_item
 
 
+def choice_scores(items: list[dict], logliks: list[float]) -> list[list[float]]:
+    """The flat per-choice log-likelihoods (every item's choices in order) cut into one list per item."""
+    widths = [len(item["choices"]) for item in items]
+    if sum(widths) != len(logliks):
+        raise SystemExit(f"per-item log-likelihoods ({len(logliks)}) do not match the items' choices ({sum(widths)})")
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [logliks[start : start + width] for start, width in zip(starts, widths)]
+
+
+def best_distractor(item: dict, scores: list[float]) -> int:
+    return max((i for i in range(len(scores)) if i != item["label"]), key=lambda i: scores[i])
+
+
 def margins(items: list[dict], logliks: list[float]) -> list[float]:
-    """Per item: real line's log-likelihood minus the best distractor's (the flat list holds every choice in order)."""
-    out, at = [], 0
-    for item in items:
-        scores = logliks[at : at + len(item["choices"])]
-        at += len(item["choices"])
-        gold = scores[item["label"]]
-        out.append(gold - max(s for i, s in enumerate(scores) if i != item["label"]))
-    if at != len(logliks):
-        raise SystemExit(f"per-item log-likelihoods ({len(logliks)}) do not match the items' choices ({at})")
-    return out
+    """Per item: real line's log-likelihood minus the best distractor's."""
+    return [scores[item["label"]] - scores[best_distractor(item, scores)] for item, scores in zip(items, choice_scores(items, logliks))]
 
 
 def length_gaps(items: list[dict], logliks: list[float]) -> list[int]:
     """Per item: characters of the real line minus those of the distractor the model liked best."""
-    out, at = [], 0
-    for item in items:
-        scores = logliks[at : at + len(item["choices"])]
-        at += len(item["choices"])
-        best = max((i for i in range(len(scores)) if i != item["label"]), key=lambda i: scores[i])
-        out.append(len(item["choices"][item["label"]]) - len(item["choices"][best]))
-    return out
+    return [
+        len(item["choices"][item["label"]]) - len(item["choices"][best_distractor(item, scores)])
+        for item, scores in zip(items, choice_scores(items, logliks))
+    ]
 
 
 def shift_for(base: list[float], points: float) -> float | None:

@@ -43,7 +43,7 @@ from engine.datafiles import cache_root, sha256_file
 from engine.errors import StageError
 from engine.interview import InterviewConfig, question_file, read_interviews, run_interviews
 from engine.judge import JudgeConfig, judge_interviews
-from engine.modelcard import write_eval_card
+from engine.modelcard import tuned_minus_base, write_eval_card
 from engine.models import base_model_input, resolve_base_model
 from engine.registry import StageContext, register_stage
 
@@ -464,13 +464,6 @@ def paired_gains(task: Task, base: dict, tuned: dict) -> dict[str, dict[str, flo
     return gains
 
 
-def table_change(gain: Optional[dict], metric: str) -> Optional[float]:
-    """tuned - base as the summary table shows it (bits per byte: lower is better, so the sign of its gain flips)."""
-    if gain is None:
-        return None
-    return -gain["diff"] if metric == "bits_per_byte" else gain["diff"]
-
-
 def verdict(task: Task, base: dict, tuned: dict) -> dict:
     """One line per task: does tuned beat base beyond two paired standard errors (about 95 %)?"""
     metric = "bits_per_byte" if task.kind == "perplexity" else "acc"
@@ -748,7 +741,7 @@ def run_eval(ctx: StageContext) -> dict:
     table = [
         {"task": task.name, "kind": TASK_SUFFIX[task.kind], "metric": metric, "base": scores["base"][task.name].get(metric), "base_stderr": scores["base"][task.name].get(f"{metric}_stderr"),
          "tuned": scores["tuned"][task.name].get(metric), "tuned_stderr": scores["tuned"][task.name].get(f"{metric}_stderr"),
-         "change": table_change(gains[task.name].get(metric), metric), "change_se": gains[task.name].get(metric, {}).get("paired_se")}
+         "change": tuned_minus_base(gains[task.name].get(metric), metric), "change_se": gains[task.name].get(metric, {}).get("paired_se")}
         for task in tasks
         for metric in (("bits_per_byte",) if task.kind == "perplexity" else tuple(m for m in MC_METRICS if m in scores["tuned"][task.name]))
     ]  # fmt: skip
