@@ -42,10 +42,13 @@ Writes bench/train_throughput.json (command, machine, figures) and bench/train_t
 
 Options: --steps N (optimizer steps per variant; default 6), --ablations LIST (comma-separated from gc,
 group, bs4, bs16, precision, loss, compile (train.sft_args.torch_compile), dropout (LoRA dropout 0.05 where
-the recipe has 0, else 0), full;
+the recipe has 0, else 0), attention (train.attention: sdpa where auto chose eager, else eager), full,
+or engine ones joined with + (dropout+attention: both at once);
 "default" = gc, group, bs4, bs16, precision, loss; "all", or "none"), --quick (2 steps, no
 ablations: a smoke of a few minutes), --recipe FILE (a recipe on the embedded model), --output FILE,
---keep (keep the temporary run folder and the per-variant logs).
+--keep (keep the temporary run folder and the per-variant logs), --repeats R (R rounds of the engine and its
+ablations, the order rotated each round; each ablation is then reported as its median ratio to the engine row of
+its own round, which the machine's drift affects far less than a ratio between rounds).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss", "compile", "dropout", "full")
+ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss", "compile", "dropout", "attention", "full")
 DEFAULT_ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss")  # "all" adds full fine-tuning
 SLOW_BF16_FACTOR = 10.0  # bf16 matmul this many times slower than fp32: the CPU has no native bf16
 
@@ -318,7 +321,7 @@ def run_engine(name: str, recipe: str, run_dir: Path, steps: int, sets: list[str
     if code != 0 or not metrics_path.is_file():
         raise RuntimeError(f"{name}: `{shlex.join(cmd)}` failed (exit {code}):\n{tail(log)}")
     metrics = json.loads(metrics_path.read_text())
-    keep = ("method", "learning_rate", "steps", "tokens_seen", "train_runtime_s", "train_wall_s", "first_loss", "final_loss", "mean_train_loss", "peak_rss_mb", "precision")
+    keep = ("method", "learning_rate", "steps", "tokens_seen", "train_runtime_s", "train_wall_s", "first_loss", "final_loss", "mean_train_loss", "peak_rss_mb", "precision", "attention")
     out = {k: metrics.get(k) for k in keep}
     out["tokens_per_s"] = round(metrics["tokens_seen"] / metrics["train_runtime_s"], 1)  # same formula as the plain script
     out["engine_reported_tokens_per_s"] = metrics.get("tokens_per_s")
@@ -363,6 +366,26 @@ def mean_context(data_dir: Path, model_dir: Path, max_length: int) -> float:
     return sum(x * x for x in lengths) / max(1, sum(lengths))
 
 
+def paired_ratios(rows: list[dict]) -> dict:
+    """Each engine ablation's tokens/s over the engine row of the same round (rows carry "round"; the first pass is
+    round 1): median, lowest and highest per variant. Empty with a single round."""
+    import statistics
+
+    rounds: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row["kind"] == "engine" and not row["variant"].startswith("engine again"):
+            rounds.setdefault(row.get("round", 1), {})[row["variant"]] = row["tokens_per_s"]
+    if len(rounds) < 2:
+        return {}
+    ratios: dict[str, list[float]] = {}
+    for figures in rounds.values():
+        for variant, rate in figures.items():
+            if variant != "engine" and figures.get("engine"):
+                ratios.setdefault(variant, []).append(rate / figures["engine"])
+    return {variant: {"median": round(statistics.median(values), 3), "low": round(min(values), 3), "high": round(max(values), 3), "rounds": len(values)}
+            for variant, values in ratios.items()}  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -392,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/shakespeare_falstaff.yaml")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default 6; 2 with --quick)")
-    parser.add_argument("--ablations", default=None, help=f"comma-separated from {', '.join(ABLATIONS)}; 'default' ({','.join(DEFAULT_ABLATIONS)}), 'all' or 'none' (default: default; none with --quick)")
+    parser.add_argument("--ablations", default=None, help=f"comma-separated from {', '.join(ABLATIONS)}, or engine ones joined with + (dropout+attention); 'default' ({','.join(DEFAULT_ABLATIONS)}), 'all' or 'none' (default: default; none with --quick)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the engine and its ablations (rotated order); >1 reports each ablation's median ratio to the engine row of its own round")
     parser.add_argument("--quick", action="store_true", help="2 steps, engine vs TRL defaults only: a ~2-minute smoke")
     parser.add_argument("--output", default=str(ROOT / "bench" / "train_throughput.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: the output's name with .png)")
@@ -405,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (2 if args.quick else 6)
     chosen = args.ablations or ("none" if args.quick else "default")
     ablations = list(ABLATIONS) if chosen == "all" else list(DEFAULT_ABLATIONS) if chosen == "default" else [] if chosen == "none" else [a.strip() for a in chosen.split(",") if a.strip()]
-    unknown = [a for a in ablations if a not in ABLATIONS]
+    # "a+b" changes two engine keys at once (e.g. dropout+attention); "loss" runs the plain script, so it stays alone
+    unknown = [a for a in ablations if any(part not in ABLATIONS for part in a.split("+")) or ("+" in a and "loss" in a.split("+"))]
     if unknown:
         parser.error(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
 
@@ -484,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. ablations: one engine choice changed at a time
         other_dropout = "0" if lora["dropout"] else "0.05"  # the dropout ablation flips the recipe's choice
+        other_attention = "sdpa" if engine_result.get("attention") == "eager" else "eager"  # and so does attention
         engine_ablations = {
             "gc": ("engine, gradient checkpointing on", ["train.gradient_checkpointing=true"]),
             "group": ("engine, group_by_length off", ["train.group_by_length=false"]),
@@ -493,9 +519,14 @@ def main(argv: list[str] | None = None) -> int:
                           [f"train.precision={'fp32' if engine_precision == 'bf16' else 'bf16'}"]),
             "compile": ("engine, torch.compile", ["train.sft_args.torch_compile=true"]),
             "dropout": (f"engine, LoRA dropout {other_dropout}", [f"train.lora.dropout={other_dropout}"]),
+            "attention": (f"engine, {other_attention} attention", [f"train.attention={other_attention}"]),
             "full": ("engine, full fine-tuning", ["train.method=full"]),
         }  # fmt: skip
         for key in ablations:
+            if "+" in key:
+                parts = [engine_ablations[part] for part in key.split("+")]
+                engine_ablations[key] = ("engine, " + " + ".join(label.removeprefix("engine, ") for label, _ in parts),
+                                         [item for _, sets in parts for item in sets])  # fmt: skip
             if key in engine_ablations:
                 label, sets = engine_ablations[key]
                 n = min(steps, 2) if key == "precision" and engine_precision == "fp32" and slow_bf16 else steps
@@ -507,19 +538,41 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{label}] {steps} steps ...", flush=True)
                     cfg = {**plain_base, "mode": "engine_settings", "loss": loss, "precision": engine_precision, "steps": steps}
                     record(label, "plain", f"engine's SFTConfig choices, {loss} loss", run_plain(f"loss_{loss}", cfg, logs, env, tmp))
-        if ablations:
+        # 5. more rounds: the engine and its ablations again, in a rotated order, so that each ablation can be compared
+        # with the engine row of its own round (the machine's speed drifts by as much as the effects measured)
+        engine_keys = [key for key in ablations if key in engine_ablations]
+        for round_index in range(1, args.repeats):
+            order = ["engine", *engine_keys]
+            order = order[round_index % len(order):] + order[:round_index % len(order)]
+            for key in order:
+                label, sets = ("engine", []) if key == "engine" else engine_ablations[key]
+                print(f"[round {round_index + 1}: {label}] {steps} steps ...", flush=True)
+                record(label, "engine", " ".join(f"--set {s}" for s in sets) or "the recipe as it is",
+                       run_engine(f"{key}_round{round_index + 1}", recipe_path, run_dir, steps, sets, logs, env))  # fmt: skip
+                rows[-1]["round"] = round_index + 1
+        if ablations and args.repeats == 1:
             # a shared machine's speed drifts (2026-11-30: TRL defaults ran at 96.8 tokens/s in one invocation and
             # 163.8 twenty minutes later): the engine once more at the end says how far the ratios can be trusted
             print(f"[engine again] drift check, {steps} steps ...", flush=True)
             record("engine again (drift check)", "engine", "the recipe as it is, after the ablations",
                    run_engine("engine_again", recipe_path, run_dir, steps, [], logs, env))  # fmt: skip
+        # 6. the limit drifts with the machine too (2026-11-30: bf16 691 to 2399 GFLOP/s on the same machine name):
+        # measured again after the runs, and the % below is of the higher of the two, so it is never flattered
+        print("matmul throughput again, after the runs ...", flush=True)
+        peaks_after = {name: matmul_gflops(name, shapes) for name in ("fp32", "bf16")}
+        for name, peak in peaks_after.items():
+            print(f"  {name}: {peak['best_gflops']:.1f} GFLOP/s (before: {peaks[name]['best_gflops']:.1f})", flush=True)
+            if peak["best_gflops"] > peaks[name]["best_gflops"]:
+                peaks[name] = {**peak, "before_runs_gflops": peaks[name]["best_gflops"]}
+            else:
+                peaks[name] = {**peaks[name], "after_runs_gflops": peak["best_gflops"]}
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # 5. FLOPs per token and the two ratios
+    # 7. FLOPs per token and the two ratios
     for row in rows:
         flops = flops_by_length[row["max_length"]]
         peak = peaks.get(row["precision"], {}).get("best_gflops")
@@ -548,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
         drift = again["tokens_per_s"] / engine["tokens_per_s"]
         print(f"drift: the engine ran at {again['tokens_per_s']} tokens/s after the ablations, {drift:.2f}x its first run: "
               f"ratios nearer 1 than {abs(drift - 1):.2f} are within the machine's drift")  # fmt: skip
+    paired = paired_ratios(rows)
+    if paired:
+        print("ratio to the engine row of the same round (median, lowest and highest over the rounds):")
+        for variant, summary in paired.items():
+            print(f"  {variant:<44} {summary['median']:.2f}x  ({summary['low']:.2f} to {summary['high']:.2f}, {summary['rounds']} rounds)")
     if trl["steps"] != engine["steps"]:
         print(f"note: TRL defaults ran {trl['steps']} steps, the engine {engine['steps']}")
 
@@ -571,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_drift": round(again["tokens_per_s"] / engine["tokens_per_s"], 3) if again else None,
         "engine_peak_fraction": engine["peak_fraction"],
         "engine_peak_dtype": engine["precision"],
+        "paired_ratios": paired,
         "variants": rows,
     }
     Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -135,6 +135,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         load_training_model,
         peak_rss_mb,
         record_key_callback,
+        resolve_attention,
         resolve_precision,
         shared_trainer_args,
     )
@@ -168,7 +169,9 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.method == "full":
-        model = load_base_model(sft_dir, torch.float32, spec.get("trust_remote_code", False))
+        attention = resolve_attention(cfg.attention)
+        kernel = {"attn_implementation": attention} if attention else {}
+        model = load_base_model(sft_dir, torch.float32, spec.get("trust_remote_code", False), **kernel)
     else:
         base = load_training_model(cfg, Path(spec["model_path"]), precision, spec.get("trust_remote_code", False))
         model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)  # TRL copies it as the "ref" adapter

@@ -28,7 +28,7 @@ from engine.models import TINY_OVERRIDES, ModelConfig, resolve_base_model
 from engine.persona import CharacterConfig
 from engine.registry import STAGES, StageContext
 from engine.stages.export import ExportConfig
-from engine.stages.train import TrainConfig, find_resume_checkpoint, resolve_precision, run_train
+from engine.stages.train import TrainConfig, find_resume_checkpoint, resolve_attention, resolve_precision, run_train
 
 TESTS = Path(__file__).resolve().parent
 TINY_MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES))
@@ -145,6 +145,14 @@ def test_precision():
             resolve_precision("fp16")
 
 
+def test_attention_kernel_choice():
+    assert TrainConfig().attention == "auto"
+    assert resolve_attention("auto") is None  # transformers' default (sdpa): eager measured no faster here
+    assert resolve_attention("eager") == "eager" and resolve_attention("sdpa") == "sdpa"
+    with pytest.raises(ValidationError, match="attention"):
+        TrainConfig(attention="flash")
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -169,6 +177,7 @@ def test_train_learns_and_reports(tmp_path, dataset_dir):
     for key in ("first_loss", "final_loss", "steps", "samples_seen", "train_runtime_s", "tokens_per_s", "peak_rss_mb", "precision"):
         assert metrics[key] is not None, key
     assert metrics["samples_seen"] == 16 * 4 and metrics["peak_rss_mb"] > 50 and metrics["resumed_from"] is None
+    assert metrics["attention"] == "sdpa"  # auto: transformers' default
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "tokenizer_config.json").is_file()
@@ -371,6 +380,7 @@ def test_qlora_and_full_methods_train_on_cpu(tmp_path, dataset_dir, method):
     metrics = json.loads((out / "metrics.json").read_text())
     assert summary["steps"] == 3 and summary["method"] == method and metrics["final_eval_loss"] is not None
     assert metrics["learning_rate"] == (2e-5 if method == "full" else 2e-4)
+    assert metrics["attention"] == "sdpa"
     if method == "full":
         assert (out / "model" / "model.safetensors").is_file() and not (out / "adapter").exists()
         assert metrics["trainable_params"] > 3_000_000  # every weight of the tiny model
@@ -388,4 +398,5 @@ def test_packing_trains_padding_free(tmp_path, dataset_dir):
     cfg = TrainConfig(max_steps=2, save_steps=5, batch_size=4, logging_steps=1, max_length=128, packing=True, padding_free=True)
     summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, recording_console()))
     assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
+    assert summary["attention"] == "sdpa"
     assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()
