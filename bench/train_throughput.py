@@ -392,7 +392,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["variant"] for r in rows][::-1]
+    rounds = any("round" in r for r in rows)  # --repeats: the same variant several times, one bar per round
+    names = [r["variant"] + (f", round {r.get('round', 1)}" if rounds and r["kind"] == "engine" and not r["variant"].startswith("engine again") else "")
+             for r in rows][::-1]  # fmt: skip
     values = [r["tokens_per_s"] for r in rows][::-1]
     colors = ["tab:blue" if r["kind"] == "engine" else "tab:orange" for r in rows][::-1]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
