@@ -130,12 +130,12 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
 
     from engine.errors import StageError
     from engine.stages.train import (
+        attention_kwargs,
         find_resume_checkpoint,
         load_base_model,
         load_training_model,
         peak_rss_mb,
         record_key_callback,
-        resolve_attention,
         resolve_precision,
         shared_trainer_args,
     )
@@ -169,9 +169,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.method == "full":
-        attention = resolve_attention(cfg.attention)
-        kernel = {"attn_implementation": attention} if attention else {}
-        model = load_base_model(sft_dir, torch.float32, spec.get("trust_remote_code", False), **kernel)
+        model = load_base_model(sft_dir, torch.float32, spec.get("trust_remote_code", False), **attention_kwargs(cfg.attention))
     else:
         base = load_training_model(cfg, Path(spec["model_path"]), precision, spec.get("trust_remote_code", False))
         model = PeftModel.from_pretrained(base, str(sft_dir), is_trainable=True)  # TRL copies it as the "ref" adapter

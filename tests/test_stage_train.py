@@ -28,7 +28,7 @@ from engine.models import TINY_OVERRIDES, ModelConfig, resolve_base_model
 from engine.persona import CharacterConfig
 from engine.registry import STAGES, StageContext
 from engine.stages.export import ExportConfig
-from engine.stages.train import TrainConfig, find_resume_checkpoint, resolve_attention, resolve_precision, run_train
+from engine.stages.train import TrainConfig, attention_kwargs, find_resume_checkpoint, resolve_attention, resolve_precision, run_train
 
 TESTS = Path(__file__).resolve().parent
 TINY_MODEL = ModelConfig(random_init=True, config_overrides=dict(TINY_OVERRIDES))
@@ -149,6 +149,7 @@ def test_attention_kernel_choice():
     assert TrainConfig().attention == "auto"
     assert resolve_attention("auto") is None  # transformers' default (sdpa): eager measured no faster here
     assert resolve_attention("eager") == "eager" and resolve_attention("sdpa") == "sdpa"
+    assert attention_kwargs("auto") == {} and attention_kwargs("eager") == {"attn_implementation": "eager"}
     with pytest.raises(ValidationError, match="attention"):
         TrainConfig(attention="flash")
 
@@ -398,5 +399,5 @@ def test_packing_trains_padding_free(tmp_path, dataset_dir):
     cfg = TrainConfig(max_steps=2, save_steps=5, batch_size=4, logging_steps=1, max_length=128, packing=True, padding_free=True)
     summary = run_train(make_ctx(tmp_path / "train", dataset_dir, cfg, recording_console()))
     assert summary["steps"] == 2 and summary["tokens_per_s"] > 0
-    assert summary["attention"] == "sdpa"
+    assert json.loads((tmp_path / "train" / "metrics.json").read_text())["attention"] == "sdpa"
     assert (tmp_path / "train" / "adapter" / "adapter_model.safetensors").is_file()

@@ -104,7 +104,7 @@ TABLES: dict[str, dict] = {
 # every row but "default" was run while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05 (before 2026-12-01):
 # their commands say so, so that rerunning a row reproduces what its figures came from
 for table in TABLES.values():
-    for row_name, (row_what, row_sets) in table["rows"].items():
+    for row_name, (_, row_sets) in table["rows"].items():
         if row_name != "default" and not any(item.startswith("train.lora.dropout=") for item in row_sets):
             row_sets.append("train.lora.dropout=0.05")
 

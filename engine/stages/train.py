@@ -222,6 +222,12 @@ def resolve_attention(setting: str) -> Optional[str]:
     return None if setting == "auto" else setting
 
 
+def attention_kwargs(setting: str) -> dict:
+    """from_pretrained keyword arguments for train.attention: none for auto (transformers picks)."""
+    attention = resolve_attention(setting)
+    return {"attn_implementation": attention} if attention else {}
+
+
 def resolve_precision(setting: str) -> str:
     """'auto' -> 'bf16' where the hardware has it natively, else 'fp32'; explicit settings are checked."""
     import torch
@@ -440,8 +446,7 @@ def load_training_model(cfg: TrainConfig, base_path: Path, precision: str, trust
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    attention = resolve_attention(cfg.attention)
-    kernel = {"attn_implementation": attention} if attention else {}
+    kernel = attention_kwargs(cfg.attention)
     if cfg.method == "full":
         return load_base_model(base_path, torch.float32, trust_remote_code, **kernel)
     if cfg.method == "lora":
