@@ -42,7 +42,7 @@ Writes bench/train_throughput.json (command, machine, figures) and bench/train_t
 
 Options: --steps N (optimizer steps per variant; default 6), --ablations LIST (comma-separated from gc,
 group, bs4, bs16, precision, loss, compile (train.sft_args.torch_compile), dropout (LoRA dropout 0.05 where
-the recipe has 0, else 0), attention (train.attention: sdpa where auto chose eager, else eager), full,
+the recipe has 0, else 0), attention (train.attention: sdpa where the engine ran eager, else eager), full,
 or engine ones joined with + (dropout+attention: both at once);
 "default" = gc, group, bs4, bs16, precision, loss; "all", or "none"), --quick (2 steps, no
 ablations: a smoke of a few minutes), --recipe FILE (a recipe on the embedded model), --output FILE,
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ablations = list(ABLATIONS) if chosen == "all" else list(DEFAULT_ABLATIONS) if chosen == "default" else [] if chosen == "none" else [a.strip() for a in chosen.split(",") if a.strip()]
     # "a+b" changes two engine keys at once (e.g. dropout+attention); "loss" runs the plain script, so it stays alone
     unknown = [a for a in ablations if any(part not in ABLATIONS for part in a.split("+")) or ("+" in a and "loss" in a.split("+"))]
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if unknown:
         parser.error(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
 
