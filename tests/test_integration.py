@@ -19,6 +19,7 @@ from engine import cache, runner
 from engine.cli import SMOKE_OVERRIDES
 from engine.recipe import load_recipe
 from engine.registry import STAGES, stage_kinds
+from engine.stages.train import KEY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 FALSTAFF = ROOT / "recipes" / "shakespeare_falstaff.yaml"
@@ -109,7 +110,9 @@ def test_sigkill_mid_training_keeps_finished_stages_and_rerun_resumes(tmp_path):
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
-            if list((run_dir / ".partial").glob("train-*/checkpoints/checkpoint-*/trainer_state.json")):
+            # the train key is the last file of a checkpoint: trainer_state.json alone can be a checkpoint still being
+            # written, which the rerun rightly skips (and then starts from step 0)
+            if list((run_dir / ".partial").glob(f"train-*/checkpoints/checkpoint-*/{KEY_FILE}")):
                 break
             assert process.poll() is None, "the run ended before a checkpoint was written"
             time.sleep(0.05)
