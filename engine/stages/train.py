@@ -212,20 +212,14 @@ def load_base_model(path: Path, dtype: Any, trust_remote_code: bool = False, **l
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **load_kwargs)
 
 
-def resolve_attention(setting: str) -> Optional[str]:
-    """The attn_implementation to load the model with; None keeps transformers' default (sdpa).
+def attention_kwargs(setting: str) -> dict:
+    """from_pretrained keyword arguments for train.attention; none for auto, which keeps transformers' default (sdpa).
 
     auto stays with the default: eager measured no faster on the 2-core AMX CPU (SmolLM2-135M LoRA, Falstaff's
     samples, 3 rounds of bench/train_throughput.py: sdpa 0.99x eager, 0.79 to 1.10) although one synthetic step of
     8 x 168 tokens ran 1.2x faster with eager, and at 512+ tokens sdpa is 1.2-1.8x faster.
     """
-    return None if setting == "auto" else setting
-
-
-def attention_kwargs(setting: str) -> dict:
-    """from_pretrained keyword arguments for train.attention: none for auto (transformers picks)."""
-    attention = resolve_attention(setting)
-    return {"attn_implementation": attention} if attention else {}
+    return {} if setting == "auto" else {"attn_implementation": setting}
 
 
 def resolve_precision(setting: str) -> str:
