@@ -303,6 +303,33 @@ def test_reply_choice_items_never_offer_the_gold_reply_twice():
     assert len(docs) == 3 and all(set(d) == {"id", "text"} for d in docs)
 
 
+def test_distractor_length_matched_draws_the_lines_nearest_the_real_one_in_length():
+    gold = "Honour pricks me on."  # 20 characters
+    candidates = ["Ay.", "Hear me, my liege.", "A plague of all cowards, I say, and a vengeance too!", "Give me a cup of sack.",
+                  "O Jesu!", "Another king! They grow like Hydra's heads, and every one of them is armed."]  # fmt: skip
+    nearest = ["Hear me, my liege.", "Give me a cup of sack."]  # 18 and 22 characters: the two smallest length gaps
+    for seed in range(5):
+        assert sorted(eval_stage.draw_unlike(gold, candidates, 2, __import__("random").Random(seed), match_length=True)) == sorted(nearest)
+    randomly = {tuple(eval_stage.draw_unlike(gold, candidates, 2, __import__("random").Random(seed))) for seed in range(20)}
+    assert len(randomly) > 1 and any(set(pair) != set(nearest) for pair in randomly)
+    # whole items: matched is the default, and its distractors are nearer the real line in length than random ones
+    assert EvalConfig().distractor_length == "matched"
+
+    def mean_gap(cfg: EvalConfig) -> float:
+        gaps = [eval_stage.length_gap(choice, item["choices"][item["label"]])
+                for item in build_items(heldout_rows(), turns(), CHARACTER, cfg)
+                for i, choice in enumerate(item["choices"]) if i != item["label"]]  # fmt: skip
+        return sum(gaps) / len(gaps)
+
+    matched = mean_gap(EvalConfig(distractors=2))
+    assert all(matched < mean_gap(EvalConfig(distractors=2, distractor_length="any", seed=seed)) for seed in range(5))
+    # still never a training-scene line, and the scene first: h1/s1's items draw only from h1/s1's other speakers
+    others_s1 = {t.strip() for s, t in SCENES["h1/s1"] if s != CHARACTER}
+    for item in build_items(heldout_rows(), turns(), CHARACTER, EvalConfig(distractors=2)):
+        if item["scene"] == "h1/s1":
+            assert all(c in others_s1 for i, c in enumerate(item["choices"]) if i != item["label"])
+
+
 def test_near_duplicates_are_not_distractors():
     rng = __import__("random").Random(0)
     chosen = eval_stage.draw_unlike("Banish plump Jack, and banish all the world.", [

@@ -47,7 +47,11 @@ TABLES: dict[str, dict] = {
                 ["train.preference.learning_rate=0.001"],
             ),
             "default": (
-                "recipe default: SFT with LoRA dropout 0 (1.48x faster on this CPU), then DPO with lr 1e-3",
+                "recipe default: SFT with LoRA dropout 0, then DPO with lr 1e-3; length-matched distractors (the eval default since 2026-12-01)",
+                ["train.preference.learning_rate=0.001"],
+            ),
+            "default_any_length": (
+                "the same model (the default row's run folder: only the eval stage runs again), scored on distractors drawn at random",
                 ["train.preference.learning_rate=0.001"],
             ),
             "sft300_dpo": (
@@ -86,7 +90,10 @@ TABLES: dict[str, dict] = {
         "rows": {
             "sft": ("the recipe default until 2026-12-01: SFT only (24 steps x 8, LoRA r16 attention, dropout 0.05, lr 2e-4)",
                     ["train.preference.method=none"]),
-            "default": ("recipe default: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4)", ["train.preference.method=none"]),
+            "default": ("recipe default: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4); length-matched distractors",
+                        ["train.preference.method=none"]),
+            "default_any_length": ("the same model (the default row's run folder), scored on distractors drawn at random",
+                                   ["train.preference.method=none"]),
             "sft_dpo": (
                 "SFT 24 steps, then DPO 30 steps x 4 pairs (beta 0.5, lr 2e-4)",
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=4",
@@ -101,12 +108,17 @@ TABLES: dict[str, dict] = {
     },
 }
 
-# every row but "default" was run while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05 (before 2026-12-01):
-# their commands say so, so that rerunning a row reproduces what its figures came from
+# every row but the default ones was run while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05, and every row
+# but "default" while the eval drew distractors at random (before 2026-12-01): their commands say so, so that
+# rerunning a row reproduces what its figures came from
+DEFAULT_ROWS = ("default", "default_any_length")
 for table in TABLES.values():
+    table.setdefault("runs_in", {})["default_any_length"] = "default"  # same model: training is a cache hit there
     for row_name, (_, row_sets) in table["rows"].items():
-        if row_name != "default" and not any(item.startswith("train.lora.dropout=") for item in row_sets):
+        if row_name not in DEFAULT_ROWS and not any(item.startswith("train.lora.dropout=") for item in row_sets):
             row_sets.append("train.lora.dropout=0.05")
+        if row_name != "default":
+            row_sets.append("eval.distractor_length=any")
 
 
 def run_row(recipe: str, run_dir: Path, overrides: list[str], log: Path) -> float:
@@ -208,7 +220,8 @@ def write_report(table: str, recipe: str, rows: dict[str, dict]) -> None:
     lines = [
         f"# Persona ablation: {table} ({recipe})",
         "",
-        "Next-line accuracy on held-out episodes (the real line vs 3 lines of other characters in the same episode; chance 25 %),",
+        "Next-line accuracy on held-out episodes (the real line vs 3 lines of other characters in the same episode; chance 25 %;",
+        "drawn at random before 2026-12-01, the lines nearest the real one in length since: `eval.distractor_length`, see below),",
         "base vs tuned on the same items, in percent ± standard error. Gain = tuned - base acc with its paired standard error;",
         "the acc_norm and acc_mutual_info columns give theirs in brackets where the row's per-item scores were kept",
         "(rows run before the eval stage kept them were scored again from their exported models: `ablation.py --rescore`).",
@@ -268,7 +281,7 @@ def main() -> None:
     for name in wanted:
         what, row_overrides = spec["rows"][name]
         overrides = [*row_overrides, *EVAL_ONLY_NEXT_LINE, *spec.get("eval", [])]
-        run_dir = ROOT / args.runs / f"{args.table}_{name}"
+        run_dir = ROOT / args.runs / f"{args.table}_{spec['runs_in'].get(name, name)}"
         if args.rescore:
             results = run_dir / "eval" / "results.json"
             if results.is_file() and not (run_dir.parent / f"{run_dir.name}.rescored.json").is_file():

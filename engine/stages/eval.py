@@ -7,7 +7,9 @@ data) that anyone can rerun unchanged:
         --model_args pretrained=<model folder>[,peft=<adapter folder>] --device cpu --batch_size 8
 
 - `<name>_next_line`: the scene so far -> the character's real next line vs K distractors (other characters'
-  lines of the scene, the character's lines of other scenes, or random lines: `distractor_pool`).
+  lines of the scene, the character's lines of other scenes, or random lines: `distractor_pool`), by default
+  the lines of the pool nearest the real one in length (`distractor_length`): acc sums log-probabilities, so
+  with random distractors it mostly rewards the shortest line (measured on Cartman: bench/persona/).
 - `<name>_reply_choice`: Yothalia's benchmark scored by log-likelihood: the prompt (instruction + input, or
   the scene) -> the right reply vs K replies to other held-out prompts.
 - `<name>_heldout_ppl`: perplexity of the character's held-out lines (`loglikelihood_rolling`).
@@ -28,6 +30,7 @@ files, the base model's bytes and the library versions, so that re-training only
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -66,6 +69,11 @@ class EvalConfig(BaseModel):
         description="Where next_line's wrong choices come from: same_scene = other characters' lines in the same scene (tests style; "
         "then other held-out scenes); character_other_scenes = the character's own lines from other held-out scenes "
         "(tests content); random = any line of the held-out scenes.",
+    )
+    distractor_length: Literal["matched", "any"] = Field(
+        "matched",
+        description="How next_line's wrong choices are drawn from their pool: matched = the lines nearest the real line in "
+        "length (so acc, a sum of log-probabilities, cannot be won by picking the shortest line), any = at random.",
     )
     reply_choices: int = Field(4, ge=1, description="Wrong replies per reply_choice item (4 = Yothalia's five options).")
     mutual_info: bool = Field(
@@ -183,12 +191,22 @@ def is_near_duplicate(text: str, others: list[str]) -> bool:
     return False
 
 
-def draw_unlike(gold: str, candidates: list[str], k: int, rng: random.Random, taken: list[str] | None = None) -> list[str]:
-    """Up to k candidates, in a seeded random order, none a near-duplicate of the gold line or of each other."""
+def length_gap(text: str, gold: str) -> float:
+    """How far apart two lines are in length: |log(len(text) / len(gold))| in characters (0 = the same length)."""
+    return abs(math.log(max(len(text), 1) / max(len(gold), 1)))
+
+
+def draw_unlike(
+    gold: str, candidates: list[str], k: int, rng: random.Random, taken: list[str] | None = None, match_length: bool = False
+) -> list[str]:
+    """Up to k candidates, none a near-duplicate of the gold line or of each other: in a seeded random order, or
+    with match_length the ones nearest the gold line in length first (ties in the seeded random order)."""
     chosen: list[str] = []
     seen = taken if taken is not None else [normalise(gold)]
     order = list(candidates)
     rng.shuffle(order)
+    if match_length:
+        order.sort(key=lambda text: length_gap(text, gold))  # a stable sort: equal gaps keep the shuffled order
     for text in order:
         if len(chosen) == k:
             break
@@ -200,16 +218,17 @@ def draw_unlike(gold: str, candidates: list[str], k: int, rng: random.Random, ta
 
 def pick_distractors(
     gold: str, scene: str, lines: dict[str, list[str]], heldout_scenes: list[str], k: int, rng: random.Random,
-    policy: str = "same_scene",
+    policy: str = "same_scene", match_length: bool = False,
 ) -> list[str]:
-    """K distinct lines unlike the gold one (no near-duplicates), drawn from the policy's pools in order."""
+    """K distinct lines unlike the gold one (no near-duplicates), drawn from the policy's pools in order
+    (within a pool, the nearest in length first when match_length)."""
     taken = [normalise(gold)]
     chosen: list[str] = []
     for pool_scenes in distractor_pools(policy, scene, heldout_scenes, list(lines)):
         unique: dict[str, str] = {}  # normalised -> first spelling, in file order (deterministic)
         for text in (text for s in pool_scenes for text in lines.get(s, [])):
             unique.setdefault(normalise(text), text)
-        chosen += draw_unlike(gold, list(unique.values()), k - len(chosen), rng, taken)
+        chosen += draw_unlike(gold, list(unique.values()), k - len(chosen), rng, taken, match_length)
         if len(chosen) == k:
             break
     return chosen
@@ -232,7 +251,10 @@ def build_items(heldout: Any, turns: list[dict], character: str, cfg: EvalConfig
         gold = str(row["completion"])
         # one generator per item: an item's choices do not depend on which other items were sampled
         rng = random.Random(f"{cfg.seed}|{row['scene']}|{row['turn_index']}")
-        distractors = pick_distractors(gold.strip(), str(row["scene"]), lines, heldout_scenes, cfg.distractors, rng, cfg.distractor_pool)
+        distractors = pick_distractors(
+            gold.strip(), str(row["scene"]), lines, heldout_scenes, cfg.distractors, rng, cfg.distractor_pool,
+            match_length=cfg.distractor_length == "matched",
+        )
         if len(distractors) < cfg.distractors:
             raise StageError(
                 "eval",
