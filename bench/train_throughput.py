@@ -68,7 +68,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss", "compile", "dropout", "attention", "full")
-DEFAULT_ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss")  # "all" adds full fine-tuning
+DEFAULT_ABLATIONS = ("gc", "group", "bs4", "bs16", "precision", "loss")  # "all" adds compile, dropout, attention and full
 SLOW_BF16_FACTOR = 10.0  # bf16 matmul this many times slower than fp32: the CPU has no native bf16
 
 

@@ -114,7 +114,8 @@ def write_report(table: str, rows: dict[str, dict]) -> None:
         "",
         "Margin of an item = summed log-likelihood of the real line minus that of the best distractor, in nats",
         "(acc counts the items with a margin above 0). Written by `python bench/persona/margins.py --table "
-        f"{table} --rows {','.join(rows)}` from the rows' kept per-item scores.",
+        f"{table} --rows NAME,...` from the rows' kept per-item scores; a run keeps the rows of earlier runs that it",
+        "did not compute again (their run folders may be gone). The histogram shows the first row computed by the last run.",
         "",
         "| row | items | right base → tuned | flipped up / down | base-wrong within 1 / 2 / 5 / 10 nats | shift for +10 points | base median margin | shift mean / median (share up) | real line longer | r(margin, length gap) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -135,7 +136,7 @@ def write_report(table: str, rows: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = "sft_dpo_lr1e3" if "sft_dpo_lr1e3" in rows else next(iter(rows))  # the recipe default where it is a row
+    shown = next(name for name, row in rows.items() if "base_margins" in row)  # rows kept from the JSON have no margins
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     bins = list(range(-80, 22, 2))
     for model in ("base", "tuned"):
@@ -166,13 +167,17 @@ def main() -> None:
     parser.add_argument("--rows", required=True, help="comma-separated row names of bench/persona/ablation.py")
     parser.add_argument("--runs", default="runs/persona", help="folder of the rows' run folders")
     args = parser.parse_args()
+    kept_path = HERE / f"{args.table}_margins.json"
+    kept = json.loads(kept_path.read_text()) if kept_path.is_file() else {}
+    wanted = [r for r in args.rows.split(",") if r]
     rows = {}
-    for name in [r for r in args.rows.split(",") if r]:
+    for name in wanted:
         items, per_item = load_row(ROOT / args.runs / f"{args.table}_{name}")
         rows[name] = summarise(items, per_item)
         row = rows[name]
         print(f"{name}: right {row['base_right']} -> {row['tuned_right']} of {row['items']}; base-wrong within 1/2/5 nats: "
               f"{row['base_wrong_within']}; shift mean {row['shift_mean']:+.2f} median {row['shift_median']:+.2f}")
+    rows = {**rows, **{name: row for name, row in kept.items() if name not in rows}}  # the new rows first: the histogram's
     write_report(args.table, rows)
     print(f"wrote bench/persona/{args.table}_margins.md / .json / .png")
 
