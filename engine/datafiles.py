@@ -90,6 +90,21 @@ def _find_in_search_path(name: str, sha256: str | None) -> Path | None:
     return None
 
 
+def _other_versions(name: str, sha256: str) -> str:
+    """' Found <path>, whose sha256 is <digest>: ...' for files of that name in the search path with another
+    sha256 (a different version of the file), else ''. Only for error messages: it hashes every candidate."""
+    found = []
+    for folder in search_path():
+        if folder.is_dir():
+            found += [(p, sha256_file(p)) for p in sorted(folder.rglob(Path(name).name)) if p.is_file()]
+    found = [(path, digest) for path, digest in found if digest != sha256]
+    if not found:
+        return ""
+    listed = "; ".join(f"{path}, whose sha256 is {digest}" for path, digest in found[:3])
+    return (f" Found {listed}: not the version the recipe was written for (sha256 {sha256}); use that version, "
+            "or set the recipe's sha256 to the file's if you mean to use it.")
+
+
 def resolve(ref: DataRef, base_dir: Path, *, download: bool = True) -> InputFile:
     """Find the file a DataRef names, checking its sha256; download it only as a last resort."""
     if ref.path:
@@ -127,7 +142,7 @@ def resolve(ref: DataRef, base_dir: Path, *, download: bool = True) -> InputFile
         f"RECIPE_DATA_PATH (searched: {folders})"
     )
     if not download or os.environ.get("RECIPE_OFFLINE", "") not in ("", "0"):
-        raise MissingInputError(f"data file {ref.name} (sha256 {ref.sha256[:12]}…) is not on this machine; {how}.")
+        raise MissingInputError(f"data file {ref.name} (sha256 {ref.sha256[:12]}…) is not on this machine; {how}.{_other_versions(ref.name, ref.sha256)}")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False) as tmp:
@@ -141,5 +156,5 @@ def resolve(ref: DataRef, base_dir: Path, *, download: bool = True) -> InputFile
     except MissingInputError:
         raise
     except Exception as exc:  # network down, 404, ...: say how to provide it by hand
-        raise MissingInputError(f"data file {ref.name} could not be downloaded ({exc}); {how}.") from None
+        raise MissingInputError(f"data file {ref.name} could not be downloaded ({exc}); {how}.{_other_versions(ref.name, ref.sha256)}") from None
     return InputFile(path=cached, sha256=ref.sha256)

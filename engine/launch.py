@@ -83,10 +83,15 @@ def resolve_launcher_file(name: str) -> Path:
     for path in candidates:
         if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
             return path.resolve()
+    if "/" in name or name.endswith((".yaml", ".yml", ".json")) and not (LAUNCHERS_DIR / name).exists():
+        what = "is not a file" if Path(name).exists() else "not found"
+        if Path(name).is_file():
+            what = "is not a .yaml, .yml or .json file"
+        raise ValueError(f"launcher file '{name}' {what}; name an accelerate YAML or DeepSpeed JSON file, or one of: {', '.join(available_launchers())}")
     import difflib
 
     close = difflib.get_close_matches(name, available_launchers(), n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
+    hint = f" — did you mean '{close[0]}'?" if close else "."
     raise ValueError(f"unknown launcher '{name}'{hint} Available: {', '.join(available_launchers())}")
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class CharacterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., description="The speaker name as it appears in the data after cleaning (e.g. FALSTAFF, Cartman).")
+    name: str = Field(..., min_length=1, description="The speaker name as it appears in the data after cleaning (e.g. FALSTAFF, Cartman).")
     display_name: Optional[str] = Field(None, description="How the character is called in prompts and the chat page (default: name).")
     system_prompt: str = Field(
         "You are {display_name}. Stay in character and answer as {display_name} would.",

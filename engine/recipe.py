@@ -92,26 +92,51 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _node_to_python(node: yaml.Node, file: str, path: Path_, loaded: _Loaded) -> Any:
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _node_to_python(node: yaml.Node, file: str, path: Path_, loaded: _Loaded, active: tuple[int, ...] = ()) -> Any:
     constructor = yaml.SafeLoader("")
+    if id(node) in active:  # an alias inside the node it names (`a: &x {b: *x}`): it would never end
+        where = Where(file, node.start_mark.line + 1, node.start_mark.column + 1)
+        loaded.problems.append(Problem(file, where.line, where.column, ".".join(map(str, path)), "a YAML alias refers to a mapping that contains it; write the keys out instead"))
+        return None
+    active = active + (id(node),)
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
+        # YAML merge keys (`<<: *defaults`): their keys first, so that the mapping's own keys win
         for key_node, value_node in node.value:
+            if key_node.tag != MERGE_TAG:
+                continue
+            merged_nodes = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for merged_node in merged_nodes:
+                if not isinstance(merged_node, yaml.MappingNode):
+                    where = Where(file, merged_node.start_mark.line + 1, merged_node.start_mark.column + 1)
+                    loaded.problems.append(Problem(file, where.line, where.column, ".".join(map(str, path + ("<<",))), "a merge key (<<) takes a mapping or a list of mappings, e.g. <<: *defaults"))
+                    continue
+                merged = _node_to_python(merged_node, file, path, loaded, active)
+                if isinstance(merged, dict):
+                    result.update({key: value for key, value in merged.items() if key not in result})
+        own: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = constructor.construct_object(key_node)
             where = Where(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             if not isinstance(key, str):
                 key = str(key)
-            if key in result:
+            if key in own:
                 loaded.problems.append(Problem(file, where.line, where.column, ".".join(map(str, path + (key,))), "duplicate key — remove one of them"))
+            own.add(key)
             loaded.key_pos[path + (key,)] = where
             loaded.value_pos[path + (key,)] = Where(file, value_node.start_mark.line + 1, value_node.start_mark.column + 1)
-            result[key] = _node_to_python(value_node, file, path + (key,), loaded)
+            result[key] = _node_to_python(value_node, file, path + (key,), loaded, active)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             loaded.value_pos[path + (index,)] = Where(file, item.start_mark.line + 1, item.start_mark.column + 1)
-            items.append(_node_to_python(item, file, path + (index,), loaded))
+            items.append(_node_to_python(item, file, path + (index,), loaded, active))
         return items
     return constructor.construct_object(node)
 
@@ -123,6 +148,12 @@ def _read_yaml(path: Path, loaded: _Loaded) -> Any:
     except FileNotFoundError:
         loaded.problems.append(Problem(file, None, None, "", "recipe file not found"))
         return None
+    except IsADirectoryError:
+        loaded.problems.append(Problem(file, None, None, "", f"a folder, not a recipe file; name a YAML file, e.g. {file.rstrip('/')}/*.yaml"))
+        return None
+    except PermissionError:
+        loaded.problems.append(Problem(file, None, None, "", "cannot be read (permission denied); check the file's permissions"))
+        return None
     except UnicodeDecodeError as exc:
         loaded.problems.append(Problem(file, None, None, "", f"not UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"))
         return None
@@ -131,6 +162,9 @@ def _read_yaml(path: Path, loaded: _Loaded) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or "invalid YAML"
+        if exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            # e.g. a quote opened on line 14 and never closed: the problem is found at the end, the cause is there
+            what += f" ({exc.context} that starts at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
         loaded.problems.append(Problem(file, mark.line + 1 if mark else None, mark.column + 1 if mark else None, "", f"YAML syntax error: {what}"))
         return None
     if node is None:
@@ -208,7 +242,9 @@ def _apply_override(data: dict, assignment: str, loaded: _Loaded) -> None:
     node = data
     for depth, key in enumerate(keys[:-1]):
         if not isinstance(node.get(key), dict):
-            node[key] = {}
+            node[key] = {}  # the --set made this mapping (replacing any value the files gave): errors point at it
+            loaded.key_pos[tuple(keys[: depth + 1])] = where
+            loaded.value_pos[tuple(keys[: depth + 1])] = where
         node = node[key]
         loaded.key_pos.setdefault(tuple(keys[: depth + 1]), where)
     node[keys[-1]] = value
@@ -318,7 +354,7 @@ def _problem_for(error: dict, data: dict, model: type[BaseModel], loaded: _Loade
         tag = str(error.get("ctx", {}).get("tag", ""))
         where = loaded.value_pos.get(path + ("kind",)) or where
         key_path = key_path + ".kind"
-        message = f"unknown kind '{tag}'{_suggest(tag, expected)} Available: {', '.join(expected)}"
+        message = f"unknown kind '{tag}'{_suggest(tag, expected) or '.'} Available: {', '.join(expected)}"
     elif kind == "union_tag_not_found":
         expected = sorted(SOURCES)
         message = f"missing 'kind' — one of: {', '.join(expected)}"

@@ -163,8 +163,13 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict] = {}
     results: list[StageResult] = []
-    for stage in stage_kinds():
-        inputs = _external_inputs(stage, recipe)
+    stages = list(stage_kinds())
+    last = next((index for index, stage in enumerate(stages) if stage.name == until), len(stages) - 1)
+    # every external input of the stages to run is found (or downloaded) first: a missing question file, model or
+    # data file stops the run now, with its fix, and not after an hour of training
+    inputs_of = {stage.name: _external_inputs(stage, recipe) for stage in stages[: last + 1]}
+    for stage in stages:
+        inputs = inputs_of[stage.name]
         material = _key_material(stage, recipe, inputs, {name: records[name] for name in stage.needs})
         key = cache.digest(material)
         existing = cache.read_record(run_dir / stage.name)

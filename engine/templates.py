@@ -39,7 +39,7 @@ def unknown_template_message(name: str) -> str:
     """"unknown template 'x' — did you mean 'y'? Available: ..." (shared with the recipe validation)."""
     names = available_templates()
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
+    hint = f" — did you mean '{close[0]}'?" if close else "."
     return f"unknown template '{name}'{hint} Available: {', '.join(names)} (files in {TEMPLATES_DIR})"
 
 

@@ -65,6 +65,19 @@ def test_url_is_found_in_the_cache_or_search_path_without_network(isolated, monk
     assert resolve(ref, isolated).path == cached
 
 
+def test_a_url_file_of_another_version_is_named_with_its_sha256(isolated, monkeypatch):
+    import hashlib
+
+    mirror = isolated / "mirror"
+    mirror.mkdir()
+    (mirror / "lines.csv").write_bytes(b"an older version of the file")
+    monkeypatch.setenv("RECIPE_DATA_PATH", str(mirror))
+    with pytest.raises(MissingInputError) as caught:
+        resolve(DataRef(url=URL, sha256=SHA), isolated, download=False)
+    other = hashlib.sha256(b"an older version of the file").hexdigest()
+    assert f"Found {mirror / 'lines.csv'}, whose sha256 is {other}: not the version the recipe was written for (sha256 {SHA})" in str(caught.value)
+
+
 def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(CONTENT * 1000)

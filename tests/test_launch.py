@@ -32,6 +32,10 @@ def test_launch_config_validation():
     assert LaunchConfig(launcher="accelerate", num_processes=2).num_processes == 2
     with pytest.raises(ValidationError, match=r"unknown launcher 'acelerate' — did you mean 'accelerate'\?"):
         LaunchConfig(launcher="acelerate")
+    with pytest.raises(ValidationError, match=r"unknown launcher 'zzz'\. Available: none, torchrun"):
+        LaunchConfig(launcher="zzz")
+    with pytest.raises(ValidationError, match=r"launcher file '/nonexistent/ds\.json' not found; name an accelerate YAML or DeepSpeed JSON file"):
+        LaunchConfig(launcher="/nonexistent/ds.json")
     with pytest.raises(ValidationError, match="launcher is 'none'.*set launcher to accelerate"):
         LaunchConfig(num_processes=2)
     with pytest.raises(ValidationError, match="num_processes"):

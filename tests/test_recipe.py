@@ -90,6 +90,14 @@ def test_yaml_syntax_error_has_position(tmp_path, monkeypatch):
         """)
     (message,) = problems(path)
     assert message.startswith("x.yaml:3:1: YAML syntax error:")
+    write(tmp_path, "quote.yaml", """
+        name: x
+        character:
+          name: 'Cartman
+          display_name: Eric
+        """)
+    (message,) = problems(tmp_path / "quote.yaml")
+    assert message == "quote.yaml:5:1: YAML syntax error: found unexpected end of stream (while scanning a quoted scalar that starts at line 3, column 9)"
 
 
 def test_duplicate_key_is_an_error(tmp_path, monkeypatch):
@@ -100,6 +108,40 @@ def test_duplicate_key_is_an_error(tmp_path, monkeypatch):
         name: b
         """)
     assert "x.yaml:3:1: name: duplicate key — remove one of them" in problems(path)
+
+
+def test_yaml_merge_keys_and_anchors_work_and_the_own_keys_win(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {FALSTAFF}
+        train:
+          <<: &short {{max_steps: 3, save_steps: 3}}
+          save_steps: 1
+        eval:
+          <<: [{{max_items: 5}}, {{seed: 7}}]
+        """)
+    recipe = load_recipe(path)
+    assert (recipe.train.max_steps, recipe.train.save_steps, recipe.eval.max_items, recipe.eval.seed) == (3, 1, 5, 7)
+    write(tmp_path, "bad.yaml", f"""
+        include: {FALSTAFF}
+        train:
+          <<: 3
+        """)
+    assert problems(tmp_path / "bad.yaml") == ["bad.yaml:3:7: train.<<: a merge key (<<) takes a mapping or a list of mappings, e.g. <<: *defaults"]
+    write(tmp_path, "loop.yaml", f"""
+        include: {FALSTAFF}
+        train: &self
+          <<: *self
+        """)
+    assert problems(tmp_path / "loop.yaml") == ["loop.yaml:2:8: train: a YAML alias refers to a mapping that contains it; write the keys out instead"]
+
+
+def test_a_folder_or_an_empty_character_name_is_a_problem_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    assert problems(tmp_path / "recipes") == ["recipes: a folder, not a recipe file; name a YAML file, e.g. recipes/*.yaml"]
+    found = problems(FALSTAFF, ["character.name="])
+    assert found == ["--set character.name: character.name: String should have at least 1 character (got '')"]
 
 
 def test_include_cycle_and_missing_include(tmp_path, monkeypatch):
@@ -121,6 +163,9 @@ def test_set_overrides_are_typed_and_located(tmp_path):
         "--set train.max_steps: train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"
     ]
     assert problems(FALSTAFF, ["train.lora.rnak=4"]) == ["--set train.lora.rnak: train.lora.rnak: unknown key — did you mean 'rank'?"]
+    # a --set that turns a value of the files into a mapping is blamed on the --set, not on the file
+    (message,) = problems(FALSTAFF, ["train.lora.rank.x=3"])
+    assert message.startswith("--set train.lora.rank.x: train.lora.rank: Input should be a valid integer")
 
 
 def test_url_data_needs_sha256(tmp_path, monkeypatch):

@@ -116,6 +116,24 @@ def test_failed_stage_leaves_finished_stages_and_nothing_marked_done(tmp_path, m
     assert not (tmp_path / ".partial").exists()
 
 
+def test_a_later_stage_missing_input_stops_the_run_before_any_stage_runs(tmp_path, monkeypatch):
+    from engine.errors import MissingInputError
+
+    spies = {n: Spy(n) for n in ("first", "second", "third")}
+    make_stages(monkeypatch, spies)
+    kinds = runner.stage_kinds()
+
+    def third_inputs(recipe):
+        raise MissingInputError("questions.json not found; fix: set eval.interviews.questions")
+
+    kinds[2].external_inputs = third_inputs
+    with pytest.raises(MissingInputError, match="questions.json not found"):
+        runner.run(FakeRecipe(), tmp_path, quiet())
+    assert [spy.calls for spy in spies.values()] == [0, 0, 0], "a stage ran before the missing input was reported"
+    # a run that stops before that stage does not need its input
+    assert statuses(runner.run(FakeRecipe(), tmp_path, quiet(), until="second")) == ["ran", "ran"]
+
+
 def test_a_folder_without_a_matching_record_is_not_done(tmp_path, monkeypatch):
     spies = {n: Spy(n) for n in ("first", "second", "third")}
     make_stages(monkeypatch, spies)

@@ -93,6 +93,15 @@ def test_small_file(tmp_path: Path) -> None:
     assert turns[3]["meta"] == {"row": 1, "line": 5}  # no unnamed first column: no csv_index
 
 
+def test_unclosed_quote_is_named_not_swallowed(tmp_path: Path) -> None:
+    path = tmp_path / "unclosed.csv"
+    path.write_text('Instruction,User,Assistant\nBe a pirate,Ahoy?,"Arr!\nBe a pirate,Hello,Aye.\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read(path)
+    assert str(error.value).startswith(f"{path}:2: malformed CSV (unexpected end of data)")
+    assert "fix: close the double quote" in str(error.value)
+
+
 def test_without_instruction_column(tmp_path: Path) -> None:
     path = tmp_path / "pairs.csv"
     path.write_text("user,assisstant\nhi,hello\n", encoding="utf-8")

@@ -185,6 +185,16 @@ def test_short_row(tmp_path: Path) -> None:
         read(path)
 
 
+def test_unclosed_quote_is_named_not_swallowed(tmp_path: Path) -> None:
+    path = tmp_path / "unclosed.csv"
+    # without csv's strict mode, Stan's row would become the rest of Cartman's line and the file would read as 2 turns
+    path.write_text('Season,Episode,Character,Line\n1,1,Kyle,"hi"\n1,1,Cartman,"unclosed\n1,1,Stan,hi\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read(path)
+    assert str(error.value).startswith(f"{path}:3: malformed CSV (unexpected end of data)")
+    assert "fix: close the double quote that this row opens" in str(error.value)
+
+
 def test_extra_data_adds_season_19_and_refuses_an_episode_read_twice(all_seasons: list[dict]) -> None:
     season_19 = shared_file(f"{SOUTHPARK}/by-season/Season-19.csv")
     season_1 = shared_file(f"{SOUTHPARK}/by-season/Season-1.csv")

@@ -156,7 +156,7 @@ class TrainConfig(BaseModel):
     def _known_scheduler(cls, value: str) -> str:
         if value not in SCHEDULERS:
             close = difflib.get_close_matches(value, SCHEDULERS, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
+            hint = f" — did you mean '{close[0]}'?" if close else "."
             raise ValueError(f"unknown lr_scheduler '{value}'{hint} Available: {', '.join(SCHEDULERS)}")
         return value
 
