@@ -59,7 +59,8 @@ def build_recipe_model() -> type[RecipeBase]:
     source_models = tuple(kind.config for kind in SOURCES.values())
     source_type: Any = source_models[0] if len(source_models) == 1 else Annotated[Union[source_models], Field(discriminator="kind")]
     fields: dict[str, Any] = {
-        "name": (str, Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the run folder is runs/<name>/ (default: the file's name).")),
+        "name": (str, Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; the run folder is runs/<name>/.",
+                            json_schema_extra={"reference_default": "the recipe file's name"})),
         "description": (str, Field("", description="One line about the character and the data.")),
         "character": (CharacterConfig, Field(..., description="Who the model becomes.")),
         "model": (ModelConfig, Field(default_factory=ModelConfig, description="The base model.")),

@@ -34,6 +34,9 @@ def _type_name(annotation: Any) -> str:
 
 
 def _default(field: Any) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if "reference_default" in extra:  # filled in by the loader, e.g. name from the file's name
+        return str(extra["reference_default"])
     if field.is_required():
         return "**required**"
     if field.default_factory is not None:
