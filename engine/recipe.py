@@ -318,6 +318,8 @@ def _data_path(loc: tuple, data: Any) -> Path_:
             continue  # discriminated-union tag
         elif isinstance(element, str) and ("[" in element or element.startswith("function-")):
             continue  # validator names pydantic puts in locations
+        elif isinstance(element, str) and path and node is not None and not isinstance(node, dict):
+            continue  # the member of a plain union (int | str ...) that a scalar value was tried against
         else:
             path.append(element)
             node = None
@@ -334,6 +336,10 @@ def _problem_for(error: dict, data: dict, model: type[BaseModel], loaded: _Loade
     key_path = ".".join(str(p) for p in path)
     kind = error["type"]
     where = loaded.value_pos.get(path) or loaded.key_pos.get(path)
+    for depth in range(len(path) - 1, 0, -1):  # inside a value given whole (a --set mapping): its nearest located key
+        if where is not None:
+            break
+        where = loaded.value_pos.get(path[:depth])
     if kind == "extra_forbidden":
         where = loaded.key_pos.get(path) or where
         parent = _model_at(model, data, path[:-1])
@@ -418,12 +424,30 @@ def _apply_character_card(data: dict, recipe_path: Path, loaded: _Loaded) -> Non
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen, unique = set(), []
+    """One problem per located key: the union members a value failed against become one message."""
+    merged: dict[tuple, list[str]] = {}
     for problem in problems:
-        if problem not in seen:
-            seen.add(problem)
-            unique.append(problem)
-    return unique
+        messages = merged.setdefault((problem.file, problem.line, problem.column, problem.key_path), [])
+        if problem.message not in messages:
+            messages.append(problem.message)
+    return [Problem(*where, _join_alternatives(messages)) for where, messages in merged.items()]
+
+
+def _join_alternatives(messages: list[str]) -> str:
+    """'Input should be a valid integer' + 'Input should be a valid string' -> '... a valid integer or a valid string'."""
+    if len(messages) == 1:
+        return messages[0]
+    prefix = "Input should be "
+    got = ""
+    alternatives = []
+    for message in messages:
+        body = message.removeprefix(prefix)
+        if " (got " in body:
+            body, got = body.split(" (got ", 1)[0], " (got " + body.split(" (got ", 1)[1]
+        alternatives.append(body.split(", unable to")[0])
+    if all(m.startswith(prefix) for m in messages):
+        return prefix + ", ".join(alternatives[:-1]) + " or " + alternatives[-1] + got
+    return "; or ".join(messages)
 
 
 def section(recipe: BaseModel, name: str) -> Any:

@@ -163,6 +163,11 @@ def test_set_overrides_are_typed_and_located(tmp_path):
         "--set train.max_steps: train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"
     ]
     assert problems(FALSTAFF, ["train.lora.rnak=4"]) == ["--set train.lora.rnak: train.lora.rnak: unknown key — did you mean 'rank'?"]
+    # a value that fits no member of a union is one problem, located, not one per member
+    assert problems(FALSTAFF, ["model.config_overrides={num_hidden_layers: [1]}"]) == [
+        "--set model.config_overrides: model.config_overrides.num_hidden_layers: "
+        "Input should be a valid integer, a valid number, a valid string or a valid boolean"
+    ]
     # a --set that turns a value of the files into a mapping is blamed on the --set, not on the file
     (message,) = problems(FALSTAFF, ["train.lora.rank.x=3"])
     assert message.startswith("--set train.lora.rank.x: train.lora.rank: Input should be a valid integer")
