@@ -369,6 +369,10 @@ def _problem_for(error: dict, data: dict, model: type[BaseModel], loaded: _Loade
         expected = re.findall(r"'([^']+)'", str(error.get("ctx", {}).get("expected", "")))
         got = str(error.get("input"))
         message = f"'{got}' is not one of {', '.join(expected)}{_suggest(got, expected)}"
+    elif kind in ("model_type", "dict_type") and error.get("input") is None:
+        message = "is empty: give its keys under it, or delete the line to keep the defaults"
+    elif kind == "model_type":  # pydantic names its class ("instance of LoraSettings"): say what the user must write
+        message = f"must be a mapping of keys (got {error.get('input')!r})"
     else:
         message = error["msg"]
         if message.startswith("Value error, "):

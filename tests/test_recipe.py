@@ -163,6 +163,11 @@ def test_set_overrides_are_typed_and_located(tmp_path):
         "--set train.max_steps: train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"
     ]
     assert problems(FALSTAFF, ["train.lora.rnak=4"]) == ["--set train.lora.rnak: train.lora.rnak: unknown key — did you mean 'rank'?"]
+    # an empty section (`lora:` with nothing under it) or a scalar for a section, without pydantic's class names
+    assert problems(FALSTAFF, ["train.lora="]) == ["--set train.lora: train.lora: must be a mapping of keys (got '')"]
+    assert problems(FALSTAFF, ["train.lora=null"]) == [
+        "--set train.lora: train.lora: is empty: give its keys under it, or delete the line to keep the defaults"
+    ]
     # a value that fits no member of a union is one problem, located, not one per member
     assert problems(FALSTAFF, ["model.config_overrides={num_hidden_layers: [1]}"]) == [
         "--set model.config_overrides: model.config_overrides.num_hidden_layers: "
