@@ -172,9 +172,12 @@ def list_things(recipes_dir: str) -> None:
     from engine.registry import SOURCES, stage_kinds
     from engine.templates import available_templates
 
-    click.echo("recipes:")
-    for path in sorted(Path(recipes_dir).glob("*.yaml")):
-        click.echo(f"  {path}")
+    if Path(recipes_dir).is_dir():
+        click.echo("recipes:")
+        for path in sorted(Path(recipes_dir).glob("*.yaml")):
+            click.echo(f"  {path}")
+    else:
+        click.echo(f"recipes: none (no folder '{recipes_dir}' here: run from the project folder or pass --recipes-dir)")
     click.echo("stages (in order):")
     for stage in stage_kinds():
         click.echo(f"  {stage.name:<9} {stage.doc}")

