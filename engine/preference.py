@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import shutil
 import time
@@ -46,6 +47,12 @@ class PreferenceSettings(BaseModel):
         description="Where rejected lines come from: same_scene = another speaker's line in the sample's own (training) scene; "
         "any_scene = another speaker's line from any training scene.",
     )
+    rejected_length: Literal["matched", "any"] = Field(
+        "any",
+        description="Which of the scene's other lines become rejected lines: matched = the ones nearest the real line in "
+        "length (so the pair differs in what is said, not in how much, as next_line's length-matched distractors do); "
+        "any = drawn at random.",
+    )
     max_steps: int = Field(60, ge=1, description="Optimizer steps of the preference phase.")
     batch_size: int = Field(8, ge=1, description="Pairs per optimizer step, across all processes.")
     learning_rate: Optional[float] = Field(
@@ -60,6 +67,11 @@ class PreferenceSettings(BaseModel):
         return 5e-7 if train_method == "full" else 5e-5
 
 
+def length_gap(text: str, line: str) -> float:
+    """How far apart two lines are in length: |log(len(text) / len(line))| in characters (0 = the same length)."""
+    return abs(math.log(max(len(text), 1) / max(len(line), 1)))
+
+
 def build_pairs(train: Any, settings: PreferenceSettings, seed: int) -> list[dict]:
     """Preference pairs from the train split (columns prompt, completion, other_lines)."""
     rng = random.Random(seed)
@@ -72,6 +84,8 @@ def build_pairs(train: Any, settings: PreferenceSettings, seed: int) -> list[dic
         else:
             candidates = list(pool)
             rng.shuffle(candidates)
+        if settings.rejected_length == "matched":
+            candidates.sort(key=lambda other: length_gap(other, line))  # stable: equal gaps keep the seeded order
         for rejected in candidates[: settings.pairs_per_sample]:
             pairs.append({"prompt": prompt, "chosen": line, "rejected": rejected})
     if settings.max_pairs is not None and len(pairs) > settings.max_pairs:

@@ -83,6 +83,19 @@ def test_pairs_come_from_the_samples_own_scene_and_never_repeat_the_line():
     assert len(capped) == 3
 
 
+def test_matched_rejected_lines_are_the_scene_lines_nearest_the_real_one_in_length():
+    train = {
+        "prompt": ["p1"],
+        "completion": ["a line of medium size"],  # 21 characters
+        "other_lines": [["no", "a rejected line, similar", "this other line is very much longer than the real one", "short one"]],
+    }
+    matched = PreferenceSettings(method="dpo", pairs_per_sample=2, rejected_length="matched")
+    for seed in range(5):  # whatever the seeded shuffle, the two nearest in length win
+        assert [p["rejected"] for p in build_pairs(train, matched, seed=seed)] == ["a rejected line, similar", "short one"]
+    drawn = {p["rejected"] for seed in range(20) for p in build_pairs(train, PreferenceSettings(method="dpo"), seed=seed)}
+    assert "no" in drawn and len(drawn) >= 3  # any: every line of the scene can be drawn
+
+
 def test_cpo_gets_no_bos_the_tokenizer_would_not_add(tokenizer):
     # SmolLM2's bos_token (<|im_start|>) is never added by the tokenizer: CPO, which prepends bos_token to a prompt
     # not starting with it, would train on a prefix SFT, eval and serving never see

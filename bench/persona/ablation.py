@@ -52,7 +52,11 @@ TABLES: dict[str, dict] = {
             ),
             "default_any_length": (
                 "the same model (the default row's run folder: only the eval stage runs again), scored on distractors drawn at random",
-                ["train.preference.learning_rate=0.001"],
+                ["train.preference.learning_rate=0.001", "eval.distractor_length=any"],
+            ),
+            "dpo_matched_rejected": (
+                "as the default, but DPO's rejected lines are the scene's lines nearest the real one in length (as the eval's distractors)",
+                ["train.preference.learning_rate=0.001", "train.preference.rejected_length=matched"],
             ),
             "sft300_dpo": (
                 "more data: SFT 300 steps x 8 (2,400 of the 9,706 samples, 3.75x the default), then DPO as the default (lr 1e-3)",
@@ -93,7 +97,12 @@ TABLES: dict[str, dict] = {
             "default": ("recipe default: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4); length-matched distractors",
                         ["train.preference.method=none"]),
             "default_any_length": ("the same model (the default row's run folder), scored on distractors drawn at random",
-                                   ["train.preference.method=none"]),
+                                   ["train.preference.method=none", "eval.distractor_length=any"]),
+            "dpo_matched_rejected": (
+                "SFT 24 steps, then DPO 30 steps x 8 pairs (beta 0.1, lr 1e-3), rejected lines the scene's nearest the real one in length",
+                ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=8",
+                 "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
+            ),
             "sft_dpo": (
                 "SFT 24 steps, then DPO 30 steps x 4 pairs (beta 0.5, lr 2e-4)",
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=4",
@@ -108,16 +117,15 @@ TABLES: dict[str, dict] = {
     },
 }
 
-# every row but the default ones was run while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05, and every row
-# but "default" while the eval drew distractors at random (before 2026-12-01): their commands say so, so that
-# rerunning a row reproduces what its figures came from
-DEFAULT_ROWS = ("default", "default_any_length")
+# the rows run before 2026-12-01 ran while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05 and while the eval
+# drew distractors at random: their commands say so, so that rerunning a row reproduces what its figures came from
+CURRENT_ROWS = ("default", "default_any_length", "dpo_matched_rejected")
 for table in TABLES.values():
     table.setdefault("runs_in", {})["default_any_length"] = "default"  # same model: training is a cache hit there
     for row_name, (_, row_sets) in table["rows"].items():
-        if row_name not in DEFAULT_ROWS and not any(item.startswith("train.lora.dropout=") for item in row_sets):
-            row_sets.append("train.lora.dropout=0.05")
-        if row_name != "default":
+        if row_name not in CURRENT_ROWS:
+            if not any(item.startswith("train.lora.dropout=") for item in row_sets):
+                row_sets.append("train.lora.dropout=0.05")
             row_sets.append("eval.distractor_length=any")
 
 
