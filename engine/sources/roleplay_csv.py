@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.datafiles import DataRef
 from engine.errors import DataError
+from engine.sources.csv_records import strict_records
 from engine.registry import InputFile, register_source
 
 NARRATOR = "Narrator"
@@ -114,13 +115,13 @@ def read_roleplay_csv(config: RoleplayCSVConfig, inputs: dict[str, InputFile], c
         )
 
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = next(_strict_records(reader, file))
+    header = next(strict_records(reader, file))
     positions = _column_positions(header, file)
     index_column = 0 if header and not header[0].strip() and 0 not in positions.values() else None
     needed = max(positions.values()) + 1
     last_line = reader.line_num
     rows = no_reply = 0
-    for record in _strict_records(reader, file):
+    for record in strict_records(reader, file):
         line, last_line = last_line + 1, reader.line_num  # a record may span several lines: report its first
         if not record or all(not field.strip() for field in record):
             continue
@@ -156,20 +157,3 @@ def read_roleplay_csv(config: RoleplayCSVConfig, inputs: dict[str, InputFile], c
         raise DataError(file, "the file has a header but no rows", row=last_line, fix="add the rows under the header")
     if no_reply and console is not None:
         console.print(f"[yellow]{path.name}: {no_reply} row(s) with an empty reply were skipped[/yellow]")
-
-
-def _strict_records(reader: Any, file: str) -> Iterator[list[str]]:
-    """The reader's records; a malformed one (a double quote never closed, text after a closing quote) is a
-    DataError at the line where its record starts, instead of csv silently reading on to the end of the file."""
-    while True:
-        start = reader.line_num + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(
-                file, f"malformed CSV ({exc})", row=start,
-                fix="close the double quote that this row opens, and double any quote inside a quoted field (\"\")",
-            ) from None
-        yield record

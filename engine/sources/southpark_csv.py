@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.datafiles import DataRef
 from engine.errors import DataError
+from engine.sources.csv_records import strict_records
 from engine.registry import InputFile, register_source
 
 COLUMNS = ("Season", "Episode", "Character", "Line")
@@ -122,12 +123,12 @@ def _read_file(path: Any, config: SouthParkCSVConfig) -> Iterator[dict]:
         )
 
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    positions = _header_positions(next(_strict_records(reader, file)), file)
+    positions = _header_positions(next(strict_records(reader, file)), file)
     wanted = set(config.seasons) if config.seasons else None
     last_line = reader.line_num
     rows = 0
     next_index: dict[str, int] = {}
-    for record in _strict_records(reader, file):
+    for record in strict_records(reader, file):
         row, last_line = last_line + 1, reader.line_num  # a record may span several lines: report its first
         if not record or all(not field.strip() for field in record):
             continue
@@ -159,20 +160,3 @@ def _read_file(path: Any, config: SouthParkCSVConfig) -> Iterator[dict]:
         raise DataError(
             file, "the file has a header but no rows", row=last_line, fix="add the dialogue rows under the header"
         )
-
-
-def _strict_records(reader: Any, file: str) -> Iterator[list[str]]:
-    """The reader's records; a malformed one (a double quote never closed, text after a closing quote) is a
-    DataError at the line where its record starts, instead of csv silently reading on to the end of the file."""
-    while True:
-        start = reader.line_num + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(
-                file, f"malformed CSV ({exc})", row=start,
-                fix="close the double quote that this row opens, and double any quote inside a quoted field (\"\")",
-            ) from None
-        yield record
