@@ -2,7 +2,9 @@
 
 A pair is (prompt, chosen, rejected): the prompt and the character's real line of a training sample, and a
 line another speaker says in the same scene (`rejected_from: same_scene`, the dataset's `other_lines`) or in
-any training scene (`any_scene`). Held-out samples carry no `other_lines` and are never read here, so no
+any training scene (`any_scene`); by default (`rejected_length: matched`) the candidates nearest the real line
+in length, so that a pair teaches what the character says rather than how long he talks (with rejected lines
+drawn at random, most were shorter than the chosen one, and summed log-likelihood favours short lines). Held-out samples carry no `other_lines` and are never read here, so no
 held-out scene contributes a pair. The phase starts from the SFT result (`<out>/sft`): with LoRA the SFT
 adapter is trained further and TRL keeps a frozen copy of it as the reference model (so `beta` holds the
 policy near the SFT model, not near the base); with full fine-tuning TRL loads the SFT weights a second time
@@ -48,7 +50,7 @@ class PreferenceSettings(BaseModel):
         "any_scene = another speaker's line from any training scene.",
     )
     rejected_length: Literal["matched", "any"] = Field(
-        "any",
+        "matched",
         description="Which of the scene's other lines become rejected lines: matched = the ones nearest the real line in "
         "length (so the pair differs in what is said, not in how much, as next_line's length-matched distractors do); "
         "any = drawn at random.",
@@ -216,7 +218,8 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
     if is_main:
         console.print(
             f"preference ({settings.method}, beta {settings.beta}): {len(pairs)} pairs (rejected: another speaker's line, "
-            f"{settings.rejected_from.replace('_', ' ')}), {settings.max_steps} steps, batch {settings.batch_size}, "
+            f"{settings.rejected_from.replace('_', ' ')}, {'nearest in length' if settings.rejected_length == 'matched' else 'any length'}), "
+            f"{settings.max_steps} steps, batch {settings.batch_size}, "
             f"lr {settings.peak_learning_rate(cfg.method):g}, reference = {reference}"
         )
         first = pairs[0]
