@@ -89,10 +89,12 @@ def test_matched_rejected_lines_are_the_scene_lines_nearest_the_real_one_in_leng
         "completion": ["a line of medium size"],  # 21 characters
         "other_lines": [["no", "a rejected line, similar", "this other line is very much longer than the real one", "short one"]],
     }
-    matched = PreferenceSettings(method="dpo", pairs_per_sample=2, rejected_length="matched")
+    matched = PreferenceSettings(method="dpo", pairs_per_sample=2)
+    assert matched.rejected_length == "matched"  # the default: it beat random rejected lines (bench/persona)
     for seed in range(5):  # whatever the seeded shuffle, the two nearest in length win
         assert [p["rejected"] for p in build_pairs(train, matched, seed=seed)] == ["a rejected line, similar", "short one"]
-    drawn = {p["rejected"] for seed in range(20) for p in build_pairs(train, PreferenceSettings(method="dpo"), seed=seed)}
+    anything = PreferenceSettings(method="dpo", rejected_length="any")
+    drawn = {p["rejected"] for seed in range(20) for p in build_pairs(train, anything, seed=seed)}
     assert "no" in drawn and len(drawn) >= 3  # any: every line of the scene can be drawn
 
 

@@ -46,17 +46,21 @@ TABLES: dict[str, dict] = {
                 "the recipe default until 2026-12-01: SFT with LoRA dropout 0.05, then DPO with lr 1e-3 (5x the step size of the LoRA update)",
                 ["train.preference.learning_rate=0.001"],
             ),
-            "default": (
-                "recipe default: SFT with LoRA dropout 0, then DPO with lr 1e-3; length-matched distractors (the eval default since 2026-12-01)",
-                ["train.preference.learning_rate=0.001"],
+            "dpo_random_rejected": (
+                "the recipe default from 2026-12-01 to 2026-12-06: SFT with LoRA dropout 0, then DPO with lr 1e-3, rejected lines drawn at random",
+                ["train.preference.learning_rate=0.001", "train.preference.rejected_length=any"],
             ),
-            "default_any_length": (
-                "the same model (the default row's run folder: only the eval stage runs again), scored on distractors drawn at random",
-                ["train.preference.learning_rate=0.001", "eval.distractor_length=any"],
+            "dpo_random_rejected_any_length": (
+                "the same model (dpo_random_rejected's run folder: only the eval stage runs again), scored on distractors drawn at random",
+                ["train.preference.learning_rate=0.001", "train.preference.rejected_length=any", "eval.distractor_length=any"],
             ),
             "dpo_matched_rejected": (
-                "as the default, but DPO's rejected lines are the scene's lines nearest the real one in length (as the eval's distractors)",
+                "as dpo_random_rejected, but DPO's rejected lines are the scene's lines nearest the real one in length (as the eval's distractors)",
                 ["train.preference.learning_rate=0.001", "train.preference.rejected_length=matched"],
+            ),
+            "dpo100_matched_rejected": (
+                "the recipe default since 2026-12-06: as dpo_matched_rejected with 100 DPO steps instead of 60 (800 pairs)",
+                ["train.preference.learning_rate=0.001", "train.preference.rejected_length=matched", "train.preference.max_steps=100"],
             ),
             "sft300_dpo": (
                 "more data: SFT 300 steps x 8 (2,400 of the 9,706 samples, 3.75x the default), then DPO as the default (lr 1e-3)",
@@ -96,7 +100,7 @@ TABLES: dict[str, dict] = {
                     ["train.preference.method=none"]),
             "default": ("recipe default: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4); length-matched distractors",
                         ["train.preference.method=none"]),
-            "default_any_length": ("the same model (the default row's run folder), scored on distractors drawn at random",
+            "default_any_length": ("the same settings scored on distractors drawn at random (run 2026-12-01; rerun, it takes the default row's folder)",
                                    ["train.preference.method=none", "eval.distractor_length=any"]),
             "dpo_matched_rejected": (
                 "SFT 24 steps, then DPO 30 steps x 8 pairs (beta 0.1, lr 1e-3), rejected lines the scene's nearest the real one in length",
@@ -117,16 +121,23 @@ TABLES: dict[str, dict] = {
     },
 }
 
-# the rows run before 2026-12-01 ran while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05 and while the eval
-# drew distractors at random: their commands say so, so that rerunning a row reproduces what its figures came from
-CURRENT_ROWS = ("default", "default_any_length", "dpo_matched_rejected")
+# the rows run before 2026-12-01 ran while recipes/_base/smollm2_cpu.yaml set LoRA dropout 0.05, while the eval drew
+# distractors at random and while DPO drew rejected lines at random (the default until 2026-12-06): their commands
+# say so, so that rerunning a row reproduces what its figures came from
+CURRENT_ROWS = (
+    "default", "default_any_length", "dpo_random_rejected", "dpo_random_rejected_any_length", "dpo_matched_rejected",
+    "dpo100_matched_rejected",
+)  # fmt: skip
+TABLES["cartman"]["runs_in"] = {"dpo_random_rejected_any_length": "dpo_random_rejected"}  # the same model: training is a cache hit
+TABLES["falstaff"]["runs_in"] = {"default_any_length": "default"}
 for table in TABLES.values():
-    table.setdefault("runs_in", {})["default_any_length"] = "default"  # same model: training is a cache hit there
     for row_name, (_, row_sets) in table["rows"].items():
         if row_name not in CURRENT_ROWS:
             if not any(item.startswith("train.lora.dropout=") for item in row_sets):
                 row_sets.append("train.lora.dropout=0.05")
             row_sets.append("eval.distractor_length=any")
+            if "train.preference.method=none" not in row_sets:
+                row_sets.append("train.preference.rejected_length=any")
 
 
 def run_row(recipe: str, run_dir: Path, overrides: list[str], log: Path) -> float:
