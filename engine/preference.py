@@ -3,8 +3,8 @@
 A pair is (prompt, chosen, rejected): the prompt and the character's real line of a training sample, and a
 line another speaker says in the same scene (`rejected_from: same_scene`, the dataset's `other_lines`) or in
 any training scene (`any_scene`); by default (`rejected_length: matched`) the candidates nearest the real line
-in length, so that a pair teaches what the character says rather than how long he talks (with rejected lines
-drawn at random, most were shorter than the chosen one, and summed log-likelihood favours short lines). Held-out samples carry no `other_lines` and are never read here, so no
+in length, so that a pair teaches what the character says rather than how long he talks, as the next-line
+task's length-matched distractors test it. Held-out samples carry no `other_lines` and are never read here, so no
 held-out scene contributes a pair. The phase starts from the SFT result (`<out>/sft`): with LoRA the SFT
 adapter is trained further and TRL keeps a frozen copy of it as the reference model (so `beta` holds the
 policy near the SFT model, not near the base); with full fine-tuning TRL loads the SFT weights a second time
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import shutil
 import time
@@ -69,13 +68,10 @@ class PreferenceSettings(BaseModel):
         return 5e-7 if train_method == "full" else 5e-5
 
 
-def length_gap(text: str, line: str) -> float:
-    """How far apart two lines are in length: |log(len(text) / len(line))| in characters (0 = the same length)."""
-    return abs(math.log(max(len(text), 1) / max(len(line), 1)))
-
-
 def build_pairs(train: Any, settings: PreferenceSettings, seed: int) -> list[dict]:
     """Preference pairs from the train split (columns prompt, completion, other_lines)."""
+    from engine.stages.eval import length_gap  # the eval's measure, so rejected lines match as its distractors do
+
     rng = random.Random(seed)
     prompts, lines, others = list(train["prompt"]), list(train["completion"]), list(train["other_lines"])
     everyone = sorted({line for pool in others for line in pool}) if settings.rejected_from == "any_scene" else []
