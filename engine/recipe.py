@@ -6,6 +6,7 @@ once, each with file, line, column, key path and the fix; nothing here imports t
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -371,6 +372,8 @@ def _problem_for(error: dict, data: dict, model: type[BaseModel], loaded: _Loade
         message = f"'{got}' is not one of {', '.join(expected)}{_suggest(got, expected)}"
     elif kind in ("model_type", "dict_type") and error.get("input") is None:
         message = "is empty: give its keys under it, or delete the line to keep the defaults"
+    elif kind == "string_type" and isinstance(error.get("input"), (int, float)) and not isinstance(error.get("input"), bool):
+        message = f"must be text, and YAML read {error['input']!r} as a number; put the value in quotes"
     elif kind == "model_type":  # pydantic names its class ("instance of LoraSettings"): say what the user must write
         message = f"must be a mapping of keys (got {error.get('input')!r})"
     else:
@@ -395,18 +398,55 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data.setdefault("name", path.stem)
     _apply_character_card(data, path, loaded)
     model = build_recipe_model()
-    problems = list(loaded.problems)
+    problems = list(loaded.problems) + _numbers_given_as_bools_or_nan(data, model, loaded, _shown(path))
+    told = {(p.file, p.line, p.column, p.key_path) for p in problems}
     try:
         recipe = model.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            problems.append(_problem_for(error, data, model, loaded, _shown(path)))
+            problem = _problem_for(error, data, model, loaded, _shown(path))
+            if (problem.file, problem.line, problem.column, problem.key_path) not in told:  # nan: said once, not twice
+                problems.append(problem)
         ordered = sorted(_dedupe(problems), key=lambda p: (p.file != _shown(path), p.file, p.line or 0, p.column or 0))
         raise RecipeError(ordered) from None
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(sorted(_dedupe(problems), key=lambda p: (p.file != _shown(path), p.file, p.line or 0, p.column or 0)))
     recipe._file = path.resolve()
     return recipe
+
+
+def _numbers_given_as_bools_or_nan(data: dict, model: type[BaseModel], loaded: _Loaded, recipe_file: str) -> list[Problem]:
+    """`rank: true` where a number is wanted (pydantic would take it as 1), and `.nan` / `.inf` anywhere (it
+    would fail a bound as 'greater than 0 (got nan)', or pass where a key has none): say what to write instead."""
+    problems: list[Problem] = []
+
+    def walk(node: Any, path: Path_) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                walk(value, path + (key,))
+                continue
+            where = loaded.value_pos.get(path + (key,)) or loaded.key_pos.get(path + (key,)) or Where(recipe_file, None, None)
+            key_path = ".".join(map(str, path + (key,)))
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(Problem(where.file, where.line, where.column, key_path, f"must be a finite number, not {value}; write a number"))
+                continue
+            if not isinstance(value, bool) or not isinstance(key, str):
+                continue
+            parent = _model_at(model, data, path)
+            field = parent.model_fields.get(key) if parent is not None else None
+            if field is None:
+                continue
+            members = _members(field.annotation)
+            if bool in members or not any(member in (int, float) for member in members):
+                continue
+            wanted = "an integer" if int in members and float not in members else "a number"
+            example = field.default if isinstance(field.default, (int, float)) and not isinstance(field.default, bool) else 1
+            problems.append(Problem(where.file, where.line, where.column, key_path,
+                                    f"must be {wanted}, not {str(value).lower()}; write the number (e.g. {key}: {example})"))
+
+    walk(data, ())
+    return problems
 
 
 def _apply_character_card(data: dict, recipe_path: Path, loaded: _Loaded) -> None:

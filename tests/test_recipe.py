@@ -178,6 +178,45 @@ def test_set_overrides_are_typed_and_located(tmp_path):
     assert message.startswith("--set train.lora.rank.x: train.lora.rank: Input should be a valid integer")
 
 
+def test_true_false_or_nan_where_a_number_is_wanted_is_a_problem_not_a_one_or_a_zero(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "x.yaml", f"""
+        include: {FALSTAFF}
+        train:
+          max_steps: true
+          lora:
+            dropout: no
+        """)
+    assert problems(path) == [
+        "x.yaml:3:14: train.max_steps: must be an integer, not true; write the number (e.g. max_steps: 60)",
+        "x.yaml:5:14: train.lora.dropout: must be a number, not false; write the number (e.g. dropout: 0.05)",
+    ]
+    assert problems(FALSTAFF, ["train.preference.beta=on"]) == [
+        "--set train.preference.beta: train.preference.beta: must be a number, not true; write the number (e.g. beta: 0.1)"
+    ]
+    # .nan / .inf: one problem that says what is wrong, not pydantic's 'greater than 0 (got nan)' as well
+    assert problems(FALSTAFF, ["train.learning_rate=.nan", "train.max_steps=.inf"]) == [
+        "--set train.learning_rate: train.learning_rate: must be a finite number, not nan; write a number",
+        "--set train.max_steps: train.max_steps: must be a finite number, not inf; write a number",
+    ]
+    # a text key given digits (a sha256 that happens to be all digits, a numeric id): quote it
+    assert problems(FALSTAFF, ["character.display_name=1234"]) == [
+        "--set character.display_name: character.display_name: must be text, and YAML read 1234 as a number; put the value in quotes"
+    ]
+    # where a key takes a bool, a bool is still what it takes
+    assert load_recipe(FALSTAFF, ["train.gradient_checkpointing=true"]).train.gradient_checkpointing is True
+
+
+def test_a_default_reply_length_the_server_would_refuse_is_a_problem():
+    assert problems(FALSTAFF, ["serve.max_tokens=2000"]) == [
+        "--set serve.max_tokens: serve: max_tokens (2000) is above max_tokens_limit (1024): lower max_tokens or raise max_tokens_limit"
+    ]
+    assert problems(FALSTAFF, ["serve.max_context=128"]) == [
+        "--set serve.max_context: serve: max_tokens (200) leaves no room for the prompt in max_context (128): lower max_tokens or raise max_context"
+    ]
+    assert load_recipe(FALSTAFF, ["serve.max_tokens=1024"]).serve.max_tokens == 1024
+
+
 def test_url_data_needs_sha256(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write(tmp_path, "x.yaml", f"""

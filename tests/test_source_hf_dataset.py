@@ -171,9 +171,25 @@ def test_value_that_is_not_text(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         read(path, columns={"speaker": "who", "text": "line"})
     assert str(error.value) == (
-        f"{path}: row 0 (counted from 0): column 'line' holds a list, not text\n"
+        f"{path}: line 1: column 'line' holds a list, not text\n"
         "  fix: map a column of plain text, or flatten 'line' into one turn per row first"
     )
+
+
+def test_a_line_without_a_speaker_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "talk.jsonl"
+    path.write_text('{"who": "Alice", "line": "hi"}\n{"who": null, "line": "Who said that?"}\n{"who": "", "line": ""}\n', encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read(path, columns={"speaker": "who", "text": "line"})
+    assert str(error.value) == (
+        f"{path}: line 2: the speaker column 'who' is empty (the line: 'Who said that?')\n"
+        "  fix: give every row with text a speaker (e.g. Narrator for stage directions), or remove the row"
+    )
+    csv_path = tmp_path / "talk.csv"
+    csv_path.write_text("who,scene,line\nAlice,1,hi\nBob,,hello\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        read(csv_path, columns={"speaker": "who", "text": "line", "scene": "scene"})
+    assert str(error.value).startswith(f"{csv_path}: row 2 (counted from 1 after the header): the scene column 'scene' is empty")
 
 
 def test_without_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,6 +107,16 @@ TABLES: dict[str, dict] = {
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=8",
                  "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
             ),
+            "dpo60_matched_rejected": (
+                "SFT 24 steps, then DPO 60 steps x 8 pairs (beta 0.1, lr 1e-3), rejected lines the scene's nearest the real one in length",
+                ["train.preference.method=dpo", "train.preference.max_steps=60", "train.preference.batch_size=8",
+                 "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
+            ),
+            "dpo60x4_matched_rejected": (
+                "SFT 24 steps, then DPO 60 steps x 4 pairs (beta 0.1, lr 1e-3; the same 240 pairs as 30 x 8, twice the updates), rejected lines length-matched",
+                ["train.preference.method=dpo", "train.preference.max_steps=60", "train.preference.batch_size=4",
+                 "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
+            ),
             "sft_dpo": (
                 "SFT 24 steps, then DPO 30 steps x 4 pairs (beta 0.5, lr 2e-4)",
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=4",
@@ -126,7 +136,7 @@ TABLES: dict[str, dict] = {
 # say so, so that rerunning a row reproduces what its figures came from
 CURRENT_ROWS = (
     "default", "default_any_length", "dpo_random_rejected", "dpo_random_rejected_any_length", "dpo_matched_rejected",
-    "dpo100_matched_rejected",
+    "dpo100_matched_rejected", "dpo60_matched_rejected", "dpo60x4_matched_rejected",
 )  # fmt: skip
 TABLES["cartman"]["runs_in"] = {"dpo_random_rejected_any_length": "dpo_random_rejected"}  # the same model: training is a cache hit
 TABLES["falstaff"]["runs_in"] = {"default_any_length": "default"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PRECISIONS = ("auto", "nf4", "int8", "bf16", "fp16", "fp32")
 
@@ -40,3 +40,17 @@ class ServeConfig(BaseModel):
     first_message: bool = Field(
         True, description="Put character.first_message before the user's first message when a chat has no assistant turn yet."
     )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "ServeConfig":
+        if self.max_tokens > self.max_tokens_limit:  # every request that names no max_tokens would be refused
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) is above max_tokens_limit ({self.max_tokens_limit}): lower max_tokens "
+                "or raise max_tokens_limit"
+            )
+        if self.max_context is not None and self.max_tokens >= self.max_context:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) leaves no room for the prompt in max_context ({self.max_context}): "
+                "lower max_tokens or raise max_context"
+            )
+        return self

@@ -16,7 +16,8 @@ Two ways to map rows onto turns:
   with `instruction_as: narration`, to a first turn of speaker "Narrator". An empty prompt gives no turn.
 
 Columns listed in `meta_columns` are copied into each turn's meta. A mapped column the file lacks raises
-DataError listing the columns it has (with the closest name); so does a value that is not text.
+DataError listing the columns it has (with the closest name); so does a value that is not text, and a row
+with text but no speaker. Rows are named as a person counts them: line n of a .jsonl, row n from 1 otherwise.
 """
 
 from __future__ import annotations
@@ -175,6 +176,16 @@ def _check_columns(config: HFDatasetConfig, names: list[str], file: str) -> None
         )
 
 
+def _row_name(row: int, file: str) -> str:
+    """Where a row is, as a person counts: line n of a json-lines file, the n-th record otherwise (from 1)."""
+    suffix = Path(file).suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return f"line {row + 1}"
+    if suffix in (".csv", ".tsv"):
+        return f"row {row + 1} (counted from 1 after the header)"
+    return f"row {row + 1} (counted from 1)"
+
+
 def _text(value: Any, column: str, row: int, file: str) -> str:
     if value is None:
         return ""
@@ -182,7 +193,7 @@ def _text(value: Any, column: str, row: int, file: str) -> str:
         return str(value).strip()
     raise DataError(
         file,
-        f"row {row} (counted from 0): column '{column}' holds a {type(value).__name__}, not text",
+        f"{_row_name(row, file)}: column '{column}' holds a {type(value).__name__}, not text",
         fix=f"map a column of plain text, or flatten '{column}' into one turn per row first",
     )
 
@@ -207,7 +218,7 @@ def _turns_per_row(config: HFDatasetConfig, rows: list[dict], file: str, stem: s
             if not scene:
                 raise DataError(
                     file,
-                    f"row {row} (counted from 0): the scene column '{mapping.scene}' is empty",
+                    f"{_row_name(row, file)}: the scene column '{mapping.scene}' is empty",
                     fix="give every row a scene id",
                 )
         order: Any = row
@@ -219,7 +230,7 @@ def _turns_per_row(config: HFDatasetConfig, rows: list[dict], file: str, stem: s
                 except ValueError:
                     raise DataError(
                         file,
-                        f"row {row} (counted from 0): the index column '{mapping.index}' holds "
+                        f"{_row_name(row, file)}: the index column '{mapping.index}' holds "
                         f"{record[mapping.index]!r}, not a number",
                         fix="put the turn's position in its scene (0, 1, 2, ...) in this column",
                     ) from None
@@ -231,6 +242,12 @@ def _turns_per_row(config: HFDatasetConfig, rows: list[dict], file: str, stem: s
             "text": _text(record[mapping.text], mapping.text, row, file),
             "meta": meta,
         }
+        if not turn["speaker"] and turn["text"]:  # whose line is it? Left empty, it would be nobody's turn in the context
+            raise DataError(
+                file,
+                f"{_row_name(row, file)}: the speaker column '{mapping.speaker}' is empty (the line: {turn['text'][:60]!r})",
+                fix="give every row with text a speaker (e.g. Narrator for stage directions), or remove the row",
+            )
         scenes.setdefault(scene, []).append((order, row, turn))
     for scene, turns in scenes.items():
         turns.sort(key=lambda item: (item[0], item[1]))
