@@ -158,7 +158,34 @@ def training_section(facts: dict) -> str:
     lines = ["## Training", "", "Supervised fine-tuning with TRL's SFTTrainer; the loss covers the character's lines only."]
     if rows:
         lines += ["", "| | value |", "|---|---:|"] + [f"| {cell(label)} | {_number(value)} |" for label, value in rows]
+    preference = training.get("preference")
+    if isinstance(preference, dict) and preference.get("method"):
+        lines += ["", preference_text(preference)]
+        rows = [(label, preference[key]) for key, label in PREFERENCE_ROWS if preference.get(key) is not None]
+        lines += ["", "| preference phase | value |", "|---|---:|"] + [f"| {cell(label)} | {_number(value)} |" for label, value in rows]
     return "\n".join(lines)
+
+
+PREFERENCE_ROWS = (
+    ("method", "method"),
+    ("beta", "beta"),
+    ("pairs", "pairs"),
+    ("batch_size", "pairs per step"),
+    ("steps", "optimizer steps"),
+    ("learning_rate", "peak learning rate"),
+    ("first_loss", "first logged loss"),
+    ("final_loss", "final logged loss"),
+    ("reward_accuracy_last_quarter", "chosen preferred, last quarter of steps"),
+    ("train_runtime_s", "runtime (s)"),
+)
+
+
+def preference_text(preference: dict) -> str:
+    trainer = "CPOTrainer" if preference["method"] == "cpo" else "DPOTrainer"
+    where = {"same_scene": "in the same training scene", "any_scene": "from any training scene"}.get(preference.get("rejected_from") or "", "from the training scenes")
+    length = {"matched": ", the one nearest the real line in length", "any": ", drawn at random"}.get(preference.get("rejected_length") or "", "")
+    return (f"Then preference tuning ({preference['method']}) with TRL's {trainer}: the chosen reply is the character's real line, "
+            f"the rejected one another speaker's line {where}{length}.")
 
 
 def license_section(facts: dict) -> str:

@@ -60,6 +60,9 @@ def test_falstaff_runs_end_to_end(falstaff_smoke):
     for entry in lock["stages"].values():
         assert {"key", "inputs", "outputs", "wall_time_s", "libraries"} <= set(entry)
     assert (run_dir / "export" / "model" / "config.json").is_file()
+    # the recipe's SFT then DPO: the preference phase ran (its smoke size) and was recorded
+    preference = json.loads((run_dir / "train" / "metrics.json").read_text())["preference"]
+    assert preference["method"] == "dpo" and preference["steps"] == 2 and preference["rejected_length"] == "matched"
     results = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert {"base", "tuned", "items", "chance"} <= set(results)
     # the closing summary shows base, tuned and their paired difference for every metric

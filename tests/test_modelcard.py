@@ -63,6 +63,16 @@ def test_model_card_front_matter_and_sections():
     assert card.rstrip().endswith(EVALUATION_PENDING)
 
 
+def test_a_preference_phase_is_on_the_card():
+    preference = {"method": "dpo", "beta": 0.1, "pairs": 309, "rejected_from": "same_scene", "rejected_length": "matched", "batch_size": 4,
+                  "steps": 60, "learning_rate": 0.001, "final_loss": 0.62, "reward_accuracy_last_quarter": 0.7667, "train_runtime_s": 706.8}
+    card = render_card({**FACTS, "training": {**FACTS["training"], "preference": preference}}, "model")
+    assert ("Then preference tuning (dpo) with TRL's DPOTrainer: the chosen reply is the character's real line, the rejected one "
+            "another speaker's line in the same training scene, the one nearest the real line in length.") in card
+    assert "| pairs per step | 4 |" in card and "| chosen preferred, last quarter of steps | 0.7667 |" in card
+    assert "preference tuning" not in render_card(FACTS, "model")  # SFT only: nothing said about a phase that did not run
+
+
 def test_adapter_card():
     card = render_card({**FACTS, "data_license": "CC BY-SA 3.0; dialogue (c) South Park Studios"}, "adapter")
     meta = front(card)

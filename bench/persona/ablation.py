@@ -62,6 +62,11 @@ TABLES: dict[str, dict] = {
                 "the recipe default since 2026-12-06: as dpo_matched_rejected with 100 DPO steps instead of 60 (800 pairs)",
                 ["train.preference.learning_rate=0.001", "train.preference.rejected_length=matched", "train.preference.max_steps=100"],
             ),
+            "dpo200x4_matched_rejected": (
+                "as dpo100_matched_rejected with 200 DPO steps x 4 pairs: the same 800 pairs, twice the updates (Falstaff's winner)",
+                ["train.preference.learning_rate=0.001", "train.preference.rejected_length=matched", "train.preference.max_steps=200",
+                 "train.preference.batch_size=4"],
+            ),
             "sft300_dpo": (
                 "more data: SFT 300 steps x 8 (2,400 of the 9,706 samples, 3.75x the default), then DPO as the default (lr 1e-3)",
                 ["train.max_steps=300", "train.preference.learning_rate=0.001"],
@@ -98,22 +103,17 @@ TABLES: dict[str, dict] = {
         "rows": {
             "sft": ("the recipe default until 2026-12-01: SFT only (24 steps x 8, LoRA r16 attention, dropout 0.05, lr 2e-4)",
                     ["train.preference.method=none"]),
-            "default": ("recipe default: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4); length-matched distractors",
-                        ["train.preference.method=none"]),
-            "default_any_length": ("the same settings scored on distractors drawn at random (run 2026-12-01; rerun, it takes the default row's folder)",
-                                   ["train.preference.method=none", "eval.distractor_length=any"]),
+            "sft_only": ("the recipe default until 2026-12-06: SFT only (24 steps x 8, LoRA r16 attention, dropout 0, lr 2e-4); length-matched distractors",
+                         ["train.preference.method=none"]),
+            "sft_only_any_length": ("the same settings scored on distractors drawn at random (run 2026-12-01; rerun, it takes the sft_only row's folder)",
+                                    ["train.preference.method=none", "eval.distractor_length=any"]),
             "dpo_matched_rejected": (
                 "SFT 24 steps, then DPO 30 steps x 8 pairs (beta 0.1, lr 1e-3), rejected lines the scene's nearest the real one in length",
                 ["train.preference.method=dpo", "train.preference.max_steps=30", "train.preference.batch_size=8",
                  "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
             ),
-            "dpo60_matched_rejected": (
-                "SFT 24 steps, then DPO 60 steps x 8 pairs (beta 0.1, lr 1e-3), rejected lines the scene's nearest the real one in length",
-                ["train.preference.method=dpo", "train.preference.max_steps=60", "train.preference.batch_size=8",
-                 "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
-            ),
             "dpo60x4_matched_rejected": (
-                "SFT 24 steps, then DPO 60 steps x 4 pairs (beta 0.1, lr 1e-3; the same 240 pairs as 30 x 8, twice the updates), rejected lines length-matched",
+                "the recipe default since 2026-12-06: SFT 24 steps, then DPO 60 steps x 4 pairs (beta 0.1, lr 1e-3; the same 240 pairs as 30 x 8, twice the updates), rejected lines length-matched",
                 ["train.preference.method=dpo", "train.preference.max_steps=60", "train.preference.batch_size=4",
                  "train.preference.learning_rate=0.001", "train.preference.beta=0.1", "train.preference.rejected_length=matched"],
             ),
@@ -135,11 +135,11 @@ TABLES: dict[str, dict] = {
 # distractors at random and while DPO drew rejected lines at random (the default until 2026-12-06): their commands
 # say so, so that rerunning a row reproduces what its figures came from
 CURRENT_ROWS = (
-    "default", "default_any_length", "dpo_random_rejected", "dpo_random_rejected_any_length", "dpo_matched_rejected",
-    "dpo100_matched_rejected", "dpo60_matched_rejected", "dpo60x4_matched_rejected",
+    "sft_only", "sft_only_any_length", "dpo_random_rejected", "dpo_random_rejected_any_length", "dpo_matched_rejected",
+    "dpo100_matched_rejected", "dpo60x4_matched_rejected", "dpo200x4_matched_rejected",
 )  # fmt: skip
 TABLES["cartman"]["runs_in"] = {"dpo_random_rejected_any_length": "dpo_random_rejected"}  # the same model: training is a cache hit
-TABLES["falstaff"]["runs_in"] = {"default_any_length": "default"}
+TABLES["falstaff"]["runs_in"] = {"sft_only_any_length": "sft_only"}
 for table in TABLES.values():
     for row_name, (_, row_sets) in table["rows"].items():
         if row_name not in CURRENT_ROWS:
@@ -327,6 +327,10 @@ def main() -> None:
         if not (run_dir / "eval" / "results.json").is_file():
             continue
         command = "recipe run " + spec["recipe"] + "".join(f" --set {shlex.quote(o)}" for o in overrides)
+        if (args.report_only or args.rescore) and name in spec["runs_in"] and name in collected:
+            # its folder's eval is whichever row ran there last: keep the figures recorded when this row ran
+            collected[name].update(what=what, command=command)
+            continue
         collected[name] = {"what": what, "command": command, **read_row(run_dir)}
         row = collected[name]
         print(f"{name}: acc {pct(row['base_acc'])} -> {pct(row['tuned_acc'])}, gain {100 * row['gain_acc']:+.1f} ± {100 * row['gain_paired_se']:.1f}")
