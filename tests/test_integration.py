@@ -139,7 +139,7 @@ def test_sigkill_mid_training_keeps_finished_stages_and_rerun_resumes(tmp_path):
 @pytest.mark.slow
 def test_real_embedded_model_smoke(tmp_path):
     run_dir = tmp_path / "run"
-    sets = ["dataset.max_train_samples=16", "dataset.max_heldout_samples=8", "train.max_steps=2", "train.batch_size=4", "eval.max_items=8", "eval.sample_replies=1", "eval.max_new_tokens=16", "eval.interviews.max_questions=2", "eval.interviews.multi_turn=1", "eval.interviews.max_new_tokens=16"]
+    sets = ["dataset.max_train_samples=16", "dataset.max_heldout_samples=8", "train.max_steps=2", "train.batch_size=4", "train.preference.max_steps=2", "train.preference.batch_size=4", "eval.max_items=8", "eval.sample_replies=1", "eval.max_new_tokens=16", "eval.interviews.max_questions=2", "eval.interviews.multi_turn=1", "eval.interviews.max_new_tokens=16"]
     args = ["run", str(FALSTAFF), "--run-dir", str(run_dir)]
     for item in sets:
         args += ["--set", item]
