@@ -149,6 +149,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
         peak_rss_mb,
         record_key_callback,
         resolve_precision,
+        rounded,
         shared_trainer_args,
     )
 
@@ -269,7 +270,7 @@ def run_preference_phase(spec: dict, cfg: Any, sft_metrics: dict, console: Any) 
     if cfg.method == "full":
         shutil.rmtree(sft_dir, ignore_errors=True)  # a whole model: the final one is in model/
     console.print(
-        f"preference: {phase['steps']} steps, loss {phase['first_loss']} -> {phase['final_loss']}, chosen preferred in "
+        f"preference: {phase['steps']} steps, loss {rounded(phase['first_loss'])} -> {rounded(phase['final_loss'])}, chosen preferred in "
         f"{phase['reward_accuracy_last_quarter']} of the last quarter's pairs (margin {phase['reward_margin_last_quarter']}), "
         f"{phase['train_runtime_s']} s"
     )

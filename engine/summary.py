@@ -12,6 +12,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def preference_phase(summary: dict) -> str:
+    if not summary.get("preference"):
+        return ""
+    won = summary.get("preference_reward_accuracy")
+    return f"; then {summary['preference']} {summary.get('preference_steps', '?')} steps" + (f", chosen preferred {won:.0%}" if isinstance(won, float) else "")
+
+
 def describe(name: str, summary: dict) -> str:
     """One line about what a stage produced, from its summary dict."""
     if name == "source":
@@ -33,6 +40,7 @@ def describe(name: str, summary: dict) -> str:
             + (f" (held-out {_fmt(held_out)})" if held_out is not None else "")
             + f", {_fmt(summary.get('tokens_per_s', '?'))} tok/s, {summary.get('precision', '?')}"
             + (f", {processes} processes" if processes > 1 else "")
+            + preference_phase(summary)
         )
     if name == "export":
         extras = " + adapter" if summary.get("adapter") else ""
@@ -69,12 +77,12 @@ def print_summary(console: Any, recipe: Any, run_dir: Path, results: list, secon
         scores = Table(title="base vs tuned on held-out scenes (± standard error; tuned-base paired per item)", title_justify="left", show_edge=False)
         for column, justify in (("task", "left"), ("metric", "left"), ("base", "right"), ("tuned", "right"), ("tuned-base", "right")):
             scores.add_column(column, justify=justify)
-        # standard errors to 2 digits, so that the five columns fit 80 characters
+        # scores to 3 digits and standard errors to 2, so that the five columns fit 80 characters
         def shown(value, stderr):
-            return "—" if value is None else (f"{_fmt(value)} ± {stderr:.2g}" if stderr is not None else _fmt(value))
+            return "—" if value is None else (f"{value:.3g} ± {stderr:.2g}" if stderr is not None else f"{value:.3g}")
 
         def change(value, stderr):  # paired: the same items scored by both models
-            return "—" if value is None or stderr is None else f"{value:+.3g} ± {stderr:.2g}"
+            return "—" if value is None or stderr is None else f"{value:+.3f} ± {stderr:.2g}"
 
         for row in evaluation["table"]:
             scores.add_row(

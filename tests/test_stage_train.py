@@ -184,7 +184,27 @@ def test_train_learns_and_reports(tmp_path, dataset_dir):
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "tokenizer_config.json").is_file()
     assert not (out / "checkpoints").exists()
     assert not list(dataset_dir.rglob("cache-*.arrow")), "the upstream dataset folder must not be written to"
-    assert "16 steps" in console.export_text()
+    assert f"16 steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}," in console.export_text()
+
+
+def test_the_libraries_own_deprecation_is_not_repeated_at_the_user():
+    """TRL and PEFT read `is_gradient_checkpointing`, which transformers deprecated: train_process silences that
+    one warning (the user can do nothing about it); every other warning still shows."""
+    import warnings
+
+    from engine.stages.train import load_base_model, quiet_library_deprecations
+
+    model = load_base_model(resolve_base_model(TINY_MODEL), None)
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("always")
+        model.is_gradient_checkpointing
+    assert [str(w.message) for w in before if "is_gradient_checkpointing" in str(w.message)], "transformers no longer warns: drop the filter"
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        quiet_library_deprecations()
+        model.is_gradient_checkpointing
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in after] == ["something else is deprecated"]
 
 
 def test_completion_only_loss_covers_line_and_eos(tmp_path, tokenizer):

@@ -426,6 +426,10 @@ def model_attention(model: Any) -> Optional[str]:
     return getattr(config, "_attn_implementation", None)
 
 
+def rounded(loss: Optional[float]) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
+
+
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB on Linux
@@ -496,6 +500,18 @@ def shared_trainer_args(cfg: "TrainConfig", spec: dict, precision: str, cuda: bo
     )
 
 
+# Deprecations raised inside the libraries by their own calls (TRL and PEFT read `is_gradient_checkpointing`,
+# which transformers 5 renamed): the user can do nothing about them, and the trainer repeats them every few steps.
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def quiet_library_deprecations() -> None:
+    import warnings
+
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def train_process(spec: dict, console: Any) -> dict:
     """Train in this process (alone, or as one rank of a launched group). Every rank calls it; rank 0 writes
     the reports. `spec` is plain JSON (train_worker.py reads it from a file): config, model_path, dataset,
@@ -504,6 +520,7 @@ def train_process(spec: dict, console: Any) -> dict:
     With a preference phase, SFT writes `<out>/sft` (marked complete with the train key) and the phase writes
     the final adapter; a rerun after a crash in the phase skips the finished SFT."""
     cfg = TrainConfig.model_validate(spec["config"])
+    quiet_library_deprecations()
     if cfg.preference.method == "none":
         return sft_phase(spec, console)
     from engine.preference import run_preference_phase
@@ -699,7 +716,7 @@ def sft_phase(spec: dict, console: Any) -> dict:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     eval_note = f", held-out loss {metrics['final_eval_loss']:.4f}" if metrics["final_eval_loss"] is not None else ""
     console.print(
-        f"train: {metrics['steps']} steps, loss {metrics['first_loss']} -> {metrics['final_loss']}{eval_note}, "
+        f"train: {metrics['steps']} steps, loss {rounded(metrics['first_loss'])} -> {rounded(metrics['final_loss'])}{eval_note}, "
         f"{metrics['tokens_per_s']} tokens/s, {metrics['train_runtime_s']} s, peak {metrics['peak_rss_mb']} MB"
     )
     return metrics
