@@ -72,6 +72,11 @@ TABLES: dict[str, dict] = {
                 ["train.preference.method=dpo_sft", "train.preference.learning_rate=0.001", "train.preference.rejected_length=matched",
                  "train.preference.max_steps=100"],
             ),
+            "ipo100_matched_rejected": (
+                "as dpo100_matched_rejected with the IPO loss (squared distance of the margin from 1/(2 beta), beta 0.1) instead of DPO's sigmoid",
+                ["train.preference.method=ipo", "train.preference.learning_rate=0.001", "train.preference.rejected_length=matched",
+                 "train.preference.max_steps=100"],
+            ),
             "sft300_dpo": (
                 "more data: SFT 300 steps x 8 (2,400 of the 9,706 samples, 3.75x the default), then DPO as the default (lr 1e-3)",
                 ["train.max_steps=300", "train.preference.learning_rate=0.001"],
@@ -142,6 +147,7 @@ TABLES: dict[str, dict] = {
 CURRENT_ROWS = (
     "sft_only", "sft_only_any_length", "dpo_random_rejected", "dpo_random_rejected_any_length", "dpo_matched_rejected",
     "dpo100_matched_rejected", "dpo60x4_matched_rejected", "dpo200x4_matched_rejected", "dpo_sft100_matched_rejected",
+    "ipo100_matched_rejected",
 )  # fmt: skip
 TABLES["cartman"]["runs_in"] = {"dpo_random_rejected_any_length": "dpo_random_rejected"}  # the same model: training is a cache hit
 TABLES["falstaff"]["runs_in"] = {"sft_only_any_length": "sft_only"}
