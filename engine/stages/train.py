@@ -500,16 +500,12 @@ def shared_trainer_args(cfg: "TrainConfig", spec: dict, precision: str, cuda: bo
     )
 
 
-# Deprecations raised inside the libraries by their own calls (TRL and PEFT read `is_gradient_checkpointing`,
-# which transformers 5 renamed): the user can do nothing about them, and the trainer repeats them every few steps.
-LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
-
-
 def quiet_library_deprecations() -> None:
+    """TRL and PEFT read `is_gradient_checkpointing`, which transformers 5 renamed: the user can do nothing about
+    that deprecation, and the trainer repeats it every few steps."""
     import warnings
 
-    for message in LIBRARY_DEPRECATIONS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def train_process(spec: dict, console: Any) -> dict:
